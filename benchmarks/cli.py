@@ -1,0 +1,217 @@
+"""The ``metabench`` command line: ``run``, ``data``, ``episodes`` and ``bench``.
+
+Every command fails with one clear line (exit status 2) on bad input instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metabench.models.hparams import ALGORITHMS as DEFAULT_ALGORITHMS
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r} is not of the form key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load_split(args: argparse.Namespace, split: str):
+    from metabench.datasets.registry import get_dataset
+
+    info = get_dataset(args.dataset)
+    return info.load(split, root=args.root, cache_dir=args.cache_dir, **_options(args.option)) \
+        if info.needs_root else info.load(split, **_options(args.option))
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from metabench.datasets.registry import get_dataset
+
+    info = get_dataset(args.dataset)
+    for split in args.split or info.splits:
+        start = time.perf_counter()
+        loaded = _load_split(args, split)
+        print(f"{loaded.name}: {loaded.num_classes} classes, {loaded.images.shape[0]} images "
+              f"{tuple(loaded.image_shape)} uint8, ready in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from metabench.datasets.registry import get_dataset
+
+    report = get_dataset(args.dataset).verify(args.root)
+    print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    problems = report.get("problems", [])
+    print(f"{args.dataset}: " + ("OK" if not problems else f"{len(problems)} problem(s)"), file=sys.stderr)
+    return 0 if not problems else 1
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from metabench.datasets.download import download
+
+    for path in download(args.dataset, Path(args.root), timeout=args.timeout):
+        print(path)
+    return 0
+
+
+# -- episodes -----------------------------------------------------------------------------------------------
+
+def _sampler(args: argparse.Namespace):
+    from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
+
+    return EpisodeSampler(_load_split(args, args.split), EpisodeSpec(args.ways, args.shots, args.queries))
+
+
+def cmd_episodes_digest(args: argparse.Namespace) -> int:
+    sampler = _sampler(args)
+    print(sampler.digest(args.seed, args.count))
+    return 0
+
+
+def cmd_episodes_preview(args: argparse.Namespace) -> int:
+    from metabench.datasets.preview import save_episode_grid
+
+    sampler = _sampler(args)
+    indices = sampler.fixed(args.seed, 1, start=args.index)
+    out = save_episode_grid(sampler, indices, Path(args.out))
+    print(f"episode {args.index} of {sampler.split.name} ({sampler.spec}) -> {out}")
+    return 0
+
+
+# -- run ----------------------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from metabench.config import resolve
+    from metabench.report import print_comparison
+    from metabench.runner import run
+
+    algorithms = args.algorithm or list(DEFAULT_ALGORITHMS)
+    overrides = list(args.set)
+    for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
+                      ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
+                      ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    configs = [resolve(args.benchmark, name, args.preset, args.config, overrides) for name in algorithms]
+    results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
+    print_comparison([r.record for r in results], [r.record_path for r in results])
+    return 0
+
+
+def cmd_bench_episodes(args: argparse.Namespace) -> int:
+    from metabench.episode_throughput import main as bench_main
+
+    return bench_main(args)
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+
+def _dataset_args(p: argparse.ArgumentParser, with_root: bool = True) -> None:
+    p.add_argument("dataset", help="omniglot, mini-imagenet or synthetic-glyphs")
+    if with_root:
+        p.add_argument("--root", help="dataset folder, or the data folder holding it (default: $METABENCH_DATA)")
+        p.add_argument("--cache-dir", help="writable cache folder (default: $METABENCH_CACHE or ~/.cache/metabench)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="reader option, e.g. scheme=maml for omniglot")
+
+
+def _episode_args(p: argparse.ArgumentParser) -> None:
+    _dataset_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed naming the fixed episodes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, Reptile on synthetic glyphs)")
+    p.add_argument("--benchmark", default="synthetic-5w1s")
+    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS,
+                   help="repeatable; default: all three")
+    p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
+    p.add_argument("--data-root")
+    p.add_argument("--cache-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--test-episodes", type=int)
+    p.add_argument("--logger", choices=("none", "csv", "wandb"))
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--records-dir")
+    p.add_argument("--out-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="prepare, verify or download datasets").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("prepare", help="decode splits once into the prepared cache")
+    _dataset_args(p)
+    p.add_argument("--split", action="append", help="repeatable; default: every split")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("verify", help="counts, sizes, checksums; exit 1 on problems")
+    p.add_argument("dataset")
+    p.add_argument("--root")
+    p.set_defaults(func=cmd_data_verify)
+    p = data.add_parser("download", help="download from the public source (checksummed, resumable)")
+    p.add_argument("dataset")
+    p.add_argument("--root", required=True)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_data_download)
+
+    episodes = sub.add_parser("episodes", help="fixed evaluation episodes").add_subparsers(
+        dest="episodes_command", required=True)
+    p = episodes.add_parser("digest", help="print the sha256 digest naming a fixed episode set")
+    _episode_args(p)
+    p.add_argument("--count", type=int, default=600)
+    p.set_defaults(func=cmd_episodes_digest)
+    p = episodes.add_parser("preview", help="draw one episode to a PNG grid")
+    _episode_args(p)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_episodes_preview)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("episodes", help="episode throughput from the prepared cache (episodes/s)")
+    p.add_argument("--root", help="data folder holding omniglot/ and mini-imagenet/")
+    p.add_argument("--cache-dir")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--out", default="results/speed/episodes.json")
+    p.set_defaults(func=cmd_bench_episodes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metabench.datasets.base import DatasetError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"metabench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

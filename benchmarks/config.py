@@ -1,0 +1,220 @@
+"""Run configuration: dataclasses resolved from a benchmark preset (YAML), an optional config file and
+dotted ``key=value`` overrides, in that order.
+
+A benchmark preset file (``benchmarks/presets/<benchmark>.yaml``) holds the benchmark's fixed part (dataset,
+episode shape, backbone, evaluation) and named presets of per-algorithm hyper-parameters, each citing its
+source. The resolved :class:`RunConfig` is written in full into every record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metabench.models.hparams import ALGORITHMS, AlgorithmConfig
+
+
+class ConfigError(ValueError):
+    """A configuration cannot be resolved; the message names the key or file."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset and where: ``options`` go to the dataset's reader (e.g. ``scheme: vinyals``)."""
+
+    name: str = "synthetic-glyphs"
+    root: str | None = None
+    cache_dir: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    resident: bool = True  # gather episodes on the training device (the whole split is small)
+
+
+@dataclass
+class EpisodeConfig:
+    """Episode shapes. ``train_shots``/``train_queries`` default to the evaluation ones."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    train_shots: int | None = None
+    train_queries: int | None = None
+    val_episodes: int = 100
+    test_episodes: int = 600
+    eval_seed: int = 0
+    eval_batch: int = 25
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "conv4-omniglot"
+    options: dict[str, Any] = field(default_factory=dict)
+    invert: bool = False  # map dark-on-white glyphs to bright-on-black (as the MAML code feeds Omniglot)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    val_every: int = 250
+    checkpoint_every: int = 100
+    log_every: int = 25
+    accelerator: str = "auto"
+    seed: int = 0
+    max_time_minutes: float | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; written in full into its record."""
+
+    benchmark: str = "synthetic-5w1s"
+    preset: str = "default"
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: str = "none"  # "none", "csv" or "wandb"
+    out_dir: str = "runs"
+    records_dir: str = "results/records"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preset_path(benchmark: str) -> Path:
+    path = Path(str(resources.files("metabench") / "presets" / f"{benchmark}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"unknown benchmark {benchmark!r}; known: {', '.join(list_benchmarks())}")
+    return path
+
+
+def list_benchmarks() -> list[str]:
+    folder = Path(str(resources.files("metabench") / "presets"))
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_preset_file(benchmark: str) -> dict[str, Any]:
+    with open(preset_path(benchmark)) as handle:
+        return yaml.safe_load(handle)
+
+
+def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_file: str | Path | None = None,
+            overrides: list[str] | None = None) -> RunConfig:
+    """Build the :class:`RunConfig` of ``algorithm`` on ``benchmark``.
+
+    Order: dataclass defaults < the benchmark's fixed part < its ``presets[preset][algorithm]`` < the YAML
+    ``config_file`` < ``overrides`` (``"algorithm.inner_lr=0.1"``, values parsed as YAML scalars).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    spec = load_preset_file(benchmark)
+    presets = spec.get("presets", {})
+    preset = preset or spec.get("default_preset") or next(iter(presets), None)
+    if preset not in presets:
+        raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
+    if algorithm not in presets[preset]:
+        raise ConfigError(f"preset {preset!r} of {benchmark!r} defines no {algorithm!r} "
+                          f"(it defines {', '.join(presets[preset])})")
+    tree: dict[str, Any] = {"benchmark": benchmark, "preset": preset}
+    for key in ("data", "episodes", "model", "trainer"):
+        tree[key] = dict(spec.get(key, {}))
+    algo = dict(presets[preset][algorithm])
+    tree["trainer"].update(algo.pop("trainer", {}))
+    tree["episodes"].update(algo.pop("episodes", {}))
+    tree["algorithm"] = {"name": algorithm, **algo}
+    if config_file is not None:
+        with open(config_file) as handle:
+            extra = yaml.safe_load(handle) or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{config_file}: expected a mapping at the top level")
+        _merge(tree, extra)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    if tree["algorithm"].get("name", algorithm) != algorithm:
+        raise ConfigError("algorithm.name cannot be overridden; use --algorithm")
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:  # a dataclass's own validation
+        raise ConfigError(f"{benchmark}/{algorithm}: {error}") from error
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, tree: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``tree``, rejecting unknown keys and checking scalar types."""
+    section = where.rstrip(".") or "top level"
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {tree!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(tree) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid under {section}: {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for name, value in tree.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{where}{name}", value, hints[name])
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type hint (``int``, ``float | None``, ``dict[str, Any]``, ...)."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {_names(allowed)}, got {value!r}")
+    if float in allowed and isinstance(value, int | float):
+        return float(value)
+    if float in allowed and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; a number field accepts it
+            return float(value)
+        except ValueError:
+            pass
+    if any(isinstance(value, a) for a in allowed if isinstance(a, type)):
+        return value
+    raise ConfigError(f"{key}: expected {_names(allowed)}, got {value!r}")
+
+
+def _names(allowed: tuple) -> str:
+    words = {"NoneType": "null", "dict": "a mapping", "int": "an integer", "float": "a number", "bool": "true/false",
+             "str": "a string", "list": "a list"}
+    return " or ".join(words.get(a.__name__, a.__name__) for a in allowed)

@@ -1,0 +1,151 @@
+"""Run records: one JSON per finished evaluation, validated on write and on read, written atomically.
+
+A record is the unit the leaderboard reads: what ran (benchmark, algorithm, full resolved config, seed),
+on which test set (episode digest, number of episodes), what came out (per-episode scores, mean, 95% CI)
+and where (device, versions, git commit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from metabench.datasets.cache import atomic_write_bytes
+from metabench.models.problems import mean_ci95
+
+SCHEMA_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A record file is malformed or does not match the schema; the message names the file and field."""
+
+
+@dataclass
+class Record:
+    """One finished evaluation. ``mean`` and ``ci95`` (1.96 * sample std / sqrt(n)) are over ``scores``."""
+
+    run_id: str
+    benchmark: str
+    algorithm: str
+    preset: str
+    config: dict[str, Any]
+    seed: int
+    episode_digest: str
+    num_episodes: int
+    metric: str
+    scores: list[float]
+    mean: float
+    ci95: float
+    training_steps: int
+    train_seconds: float
+    eval_seconds: float
+    tasks_per_second: float
+    device: str
+    versions: dict[str, str]
+    git_commit: str | None
+    created: str
+    baseline: dict[str, float] = field(default_factory=dict)  # e.g. random init + the same adaptation
+    schema_version: int = SCHEMA_VERSION
+
+    def validate(self, where: str = "record") -> None:
+        """Check types and internal consistency; raise :class:`RecordError` naming ``where`` and the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _TYPES[f.name]
+            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in _as_tuple(expected)):
+                raise RecordError(f"{where}: field {f.name!r} should be {_type_name(expected)}, got {value!r:.80}")
+        if self.schema_version != SCHEMA_VERSION:
+            raise RecordError(f"{where}: schema version {self.schema_version}, this metabench reads "
+                              f"{SCHEMA_VERSION}")
+        if len(self.scores) != self.num_episodes:
+            raise RecordError(f"{where}: {len(self.scores)} scores for num_episodes={self.num_episodes}")
+        if len(self.episode_digest) != 64:
+            raise RecordError(f"{where}: episode_digest is not a sha256 hex digest")
+        if self.scores:
+            mean, ci = mean_ci95(self.scores)
+            if not math.isclose(mean, self.mean, rel_tol=1e-9, abs_tol=1e-12):
+                raise RecordError(f"{where}: mean {self.mean} does not match its scores ({mean})")
+            if not (math.isnan(ci) and math.isnan(self.ci95)) and not math.isclose(ci, self.ci95, rel_tol=1e-9,
+                                                                                     abs_tol=1e-12):
+                raise RecordError(f"{where}: ci95 {self.ci95} does not match its scores ({ci})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+_TYPES: dict[str, Any] = {
+    "run_id": str, "benchmark": str, "algorithm": str, "preset": str, "config": dict, "seed": int,
+    "episode_digest": str, "num_episodes": int, "metric": str, "scores": list, "mean": (int, float),
+    "ci95": (int, float), "training_steps": int, "train_seconds": (int, float), "eval_seconds": (int, float),
+    "tasks_per_second": (int, float), "device": str, "versions": dict, "git_commit": (str, type(None)),
+    "created": str, "baseline": dict, "schema_version": int,
+}
+
+
+def _as_tuple(t: Any) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_name(t: Any) -> str:
+    return " or ".join(x.__name__ for x in _as_tuple(t))
+
+
+def record_path(records_dir: str | Path, record: Record) -> Path:
+    return Path(records_dir) / f"{record.benchmark}__{record.algorithm}__{record.run_id}.json"
+
+
+def write_record(record: Record, records_dir: str | Path) -> Path:
+    """Validate ``record`` and write it atomically; returns its path."""
+    path = record_path(records_dir, record)
+    record.validate(str(path))
+    atomic_write_bytes(path, (record.to_json() + "\n").encode())
+    return path
+
+
+def read_record(path: str | Path) -> Record:
+    """Read and validate one record file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not readable as JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    names = {f.name for f in fields(Record)}
+    missing = sorted(n for n in names - set(data) if n not in ("baseline", "schema_version"))
+    if missing:
+        raise RecordError(f"{path}: missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RecordError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    record = Record(**data)
+    record.validate(str(path))
+    return record
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """The current commit of the source tree (with ``+dirty`` if it has uncommitted changes), or None."""
+    cwd = repo or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import torch
+
+    import metabench
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "metabench": metabench.__version__, "platform": platform.platform()}

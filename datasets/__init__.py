@@ -1,0 +1,1 @@
+"""Readers, splits, prepared caches, episode sampling and DataModules (``metabench.datasets``)."""

@@ -1,0 +1,65 @@
+"""The dataset registry: a plain dict from name to how to load, prepare and verify it.
+
+Readers are imported lazily so that ``metabench --help`` does not decode anything or import PIL-heavy code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metabench.datasets.base import DatasetError, ImageSplit
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """How to use one dataset. ``loader`` etc. are ``"module:function"`` names inside metabench.datasets."""
+
+    name: str
+    loader: str
+    splits: tuple[str, ...]
+    needs_root: bool
+    verifier: str | None = None
+    description: str = ""
+
+    def _function(self, ref: str) -> Callable[..., Any]:
+        module, _, function = ref.partition(":")
+        return getattr(importlib.import_module(f"metabench.datasets.{module}"), function)
+
+    def load(self, split: str, root: str | Path | None = None, cache_dir: str | Path | None = None,
+             **options: Any) -> ImageSplit:
+        if split not in self.splits:
+            raise DatasetError(f"{self.name}: unknown split {split!r}; valid: {', '.join(self.splits)}")
+        function = self._function(self.loader)
+        if self.needs_root:
+            return function(split, root=root, cache_dir=cache_dir, **options)
+        return function(split, **options)
+
+    def verify(self, root: str | Path | None = None) -> dict[str, Any]:
+        if self.verifier is None:
+            raise DatasetError(f"{self.name} is generated, there are no files to verify")
+        return self._function(self.verifier)(root)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "omniglot": DatasetInfo(
+        "omniglot", "omniglot:load_omniglot", ("train", "val", "test", "trainval"), True, "omniglot:verify_omniglot",
+        "Omniglot (Lake et al. 2015), 1,623 characters x 20 drawings, 28x28; schemes 'vinyals' and 'maml'"),
+    "mini-imagenet": DatasetInfo(
+        "mini-imagenet", "miniimagenet:load_mini_imagenet", ("train", "val", "test"), True,
+        "miniimagenet:verify_mini_imagenet",
+        "mini-ImageNet (Vinyals et al. 2016; Ravi & Larochelle 2017 split), 100 classes x 600, 84x84 RGB"),
+    "synthetic-glyphs": DatasetInfo(
+        "synthetic-glyphs", "synthetic:make_glyphs", ("train", "val", "test"), False, None,
+        "generated Omniglot-like glyphs, deterministic from a seed, no download (the offline default)"),
+}
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None

@@ -1,0 +1,1 @@
+"""Backbones, the functional inner loop and the Lightning algorithms (``metabench.models``)."""

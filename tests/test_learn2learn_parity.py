@@ -1,0 +1,124 @@
+"""Parity with learn2learn 0.2.0: metabench's MAML / FOMAML meta-gradients equal ``l2l.algorithms.MAML``'s.
+
+learn2learn is an optional oracle, never a dependency of metabench: install it with
+``bash benchmarks/install_learn2learn.sh``. Without it this module skips on a developer machine but FAILS
+under CI (``CI`` set), where ``.ci/run`` installs it first, so the parity check cannot silently vanish.
+
+Same float64 Conv4 init (deep copy), same random 5-way 1-shot meta-batch of 3 tasks (5 support, 10 query
+each), inner lr 0.4, 1 and 2 inner steps. learn2learn differentiates through ``clone()`` / ``adapt()`` on a
+stateful module; metabench through ``torch.func`` on a parameter dict, with both task engines.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metabench.models.backbones import Conv4
+from metabench.models.inner_loop import InnerConfig, meta_loss
+
+if os.environ.get("CI"):
+    try:
+        import learn2learn as l2l
+    except ImportError as error:  # CI runs benchmarks/install_learn2learn.sh before pytest
+        pytest.fail(f"learn2learn is not importable under CI ({error}); "
+                    "run `bash benchmarks/install_learn2learn.sh` first", pytrace=False)
+else:
+    l2l = pytest.importorskip("learn2learn", reason="optional oracle: bash benchmarks/install_learn2learn.sh")
+
+pytestmark = pytest.mark.l2l
+
+WAYS, SHOTS, QUERIES, TASKS, SIZE = 5, 1, 2, 3, 28
+LR = 0.4
+RTOL = 1e-10
+
+
+def _model() -> Conv4:
+    torch.manual_seed(0)
+    return Conv4(in_channels=1, ways=WAYS, image_size=SIZE, hidden=8).double()
+
+
+def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A meta-batch of random float64 images: support ``[T, 5, 1, 28, 28]``, query ``[T, 10, 1, 28, 28]``."""
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(TASKS, WAYS * SHOTS, 1, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    xq = torch.randn(TASKS, WAYS * QUERIES, 1, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    # Each task gets its own label order, as a task sampler's relabelling would.
+    ys = torch.stack([torch.randperm(WAYS, generator=gen).repeat_interleave(SHOTS) for _ in range(TASKS)])
+    yq = torch.stack([torch.randperm(WAYS, generator=gen).repeat_interleave(QUERIES) for _ in range(TASKS)])
+    return xs, ys, xq, yq
+
+
+def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int, first_order: bool) -> tuple[Tensor, list[Tensor]]:
+    """learn2learn's reference: clone + adapt per task, query loss averaged over tasks, grads w.r.t. the init."""
+    xs, ys, xq, yq = batch
+    maml = l2l.algorithms.MAML(model, lr=LR, first_order=first_order)
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(TASKS):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+        total = total + F.cross_entropy(learner(xq[t]), yq[t])
+    loss = total / TASKS
+    return loss.detach(), list(torch.autograd.grad(loss, list(maml.module.parameters())))
+
+
+def _metabench_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int, first_order: bool,
+                     engine: str) -> tuple[Tensor, list[Tensor]]:
+    xs, ys, xq, yq = batch
+    params = dict(model.named_parameters())
+    config = InnerConfig(steps=steps, lr=LR, first_order=first_order)
+    loss, _ = meta_loss(model, params, F.cross_entropy, xs, ys, xq, yq, config, engine)
+    return loss.detach(), list(torch.autograd.grad(loss, list(params.values())))
+
+
+def _assert_grads_equal(ours: list[Tensor], ref: list[Tensor], names: list[str]) -> None:
+    """Relative to the whole meta-gradient: conv biases feed batch norm, so their gradients are ~0 (pure
+    round-off) and a per-tensor relative error would be meaningless for them."""
+    flat_ours = torch.cat([g.flatten() for g in ours])
+    flat_ref = torch.cat([g.flatten() for g in ref])
+    scale = flat_ref.abs().max().item()
+    assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
+    rel = ((flat_ours - flat_ref).norm() / flat_ref.norm()).item()
+    assert rel <= RTOL, f"relative error of the meta-gradient {rel:.3e} > {RTOL:.0e}"
+    for name, a, b in zip(names, ours, ref):
+        worst = (a - b).abs().max().item()
+        assert worst <= RTOL * scale, f"{name}: max |diff| {worst:.3e} > {RTOL:.0e} * {scale:.3e}"
+
+
+@pytest.mark.parametrize("engine", ["vmap", "sequential"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_meta_gradient_matches_learn2learn(steps: int, first_order: bool, engine: str) -> None:
+    model = _model()
+    reference = copy.deepcopy(model)  # same init, own autograd graph
+    batch = _batch()
+
+    ref_loss, ref_grads = _l2l_grads(reference, batch, steps, first_order)
+    loss, grads = _metabench_grads(model, batch, steps, first_order, engine)
+
+    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
+    _assert_grads_equal(grads, ref_grads, [name for name, _ in model.named_parameters()])
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_second_order_terms_are_not_negligible(steps: int) -> None:
+    """Guards the parity test's power: on this setup MAML and FOMAML meta-gradients differ clearly, so
+    matching learn2learn in both modes really checks the second-order terms (and their absence)."""
+    model = _model()
+    batch = _batch()
+    _, second = _metabench_grads(model, batch, steps, first_order=False, engine="sequential")
+    _, first = _metabench_grads(model, batch, steps, first_order=True, engine="sequential")
+    flat_second = torch.cat([g.flatten() for g in second])
+    flat_first = torch.cat([g.flatten() for g in first])
+    assert ((flat_second - flat_first).norm() / flat_second.norm()).item() > 1e-3
+
+
+def test_oracle_version() -> None:
+    """The oracle is pinned: benchmarks/install_learn2learn.sh installs exactly 0.2.0."""
+    assert l2l.__version__ == "0.2.0"

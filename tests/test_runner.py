@@ -1,0 +1,130 @@
+"""`metabench run` end to end on tiny synthetic data: records, resume after SIGKILL, divergence, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metabench.config import resolve
+from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
+from metabench.datasets.synthetic import make_glyphs
+from metabench.models.algorithms import DivergenceError
+from metabench.records import read_record
+from metabench.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds on 2 cores: 40 classes per split, hidden 8, few episodes.
+TINY = ["data.options.num_classes=40", "model.options.hidden=8", "episodes.val_episodes=10",
+        "episodes.test_episodes=20", "episodes.eval_batch=10", "trainer.val_every=4", "trainer.checkpoint_every=4",
+        "trainer.log_every=2", "algorithm.meta_batch=4", "algorithm.eval_steps=2"]
+
+
+def tiny_config(tmp_path: Path, algorithm: str, steps: int = 8, extra: list[str] | None = None):
+    overrides = TINY + [f"trainer.max_steps={steps}", f"out_dir={tmp_path / 'runs'}",
+                        f"records_dir={tmp_path / 'records'}", "trainer.accelerator=cpu"] + (extra or [])
+    return resolve("synthetic-5w1s", algorithm, overrides=overrides)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+def test_run_writes_a_valid_record(tmp_path: Path, algorithm: str) -> None:
+    config = tiny_config(tmp_path, algorithm)
+    result = run(config, progress=False)
+    record = read_record(result.record_path)  # validated on read
+    assert record.algorithm == algorithm and record.benchmark == "synthetic-5w1s"
+    assert record.training_steps == 8 and record.num_episodes == 20 and len(record.scores) == 20
+    assert record.config["algorithm"]["name"] == algorithm
+    assert record.config["trainer"]["seed"] == record.seed == 0
+    split = make_glyphs("test", seed=0, num_classes=40)
+    assert record.episode_digest == EpisodeSampler(split, EpisodeSpec(5, 1, 15)).digest(0, 20)
+    assert all(0.0 <= s <= 1.0 for s in record.scores)
+    assert set(record.versions) >= {"python", "torch", "lightning", "metabench"}
+    assert "random_init_mean" in record.baseline
+    assert (result.run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_same_seed_same_record_scores(tmp_path: Path) -> None:
+    a = run(tiny_config(tmp_path / "a", "maml", steps=4), progress=False).record
+    b = run(tiny_config(tmp_path / "b", "maml", steps=4), progress=False).record
+    c = run(tiny_config(tmp_path / "c", "maml", steps=4, extra=["trainer.seed=1"]), progress=False).record
+    assert a.scores == b.scores
+    assert a.episode_digest == c.episode_digest  # the test set does not move with the training seed
+    assert a.scores != c.scores
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "fomaml", steps=4)
+    run(config, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(config, progress=False)
+
+
+def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "maml", steps=40, extra=["algorithm.meta_lr=1e6", "algorithm.inner_lr=1e6"])
+    with pytest.raises(DivergenceError, match="meta-loss is (nan|inf)"):
+        run(config, progress=False)
+    assert not list((tmp_path / "records").glob("*.json"))
+
+
+def _cli(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "metabench.cli", "run", "--algorithm", "maml", "--quiet", "--accelerator", "cpu",
+            "--out-dir", str(tmp_path / out), "--records-dir", str(tmp_path / out / "records"),
+            "--max-steps", "24", *[a for o in TINY for a in ("--set", o)]]
+    return args + list(extra)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference = subprocess.run(_cli(tmp_path, "ref"), capture_output=True, text=True, timeout=900, env=env)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    victim = subprocess.Popen(_cli(tmp_path, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=env)
+    ckpt = tmp_path / "killed" / "synthetic-5w1s" / "maml-default-seed0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if ckpt.exists() and _ckpt_step(ckpt) >= 8:
+            break
+        time.sleep(0.2)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = _ckpt_step(ckpt)
+    assert 8 <= killed_at < 24
+
+    resumed = subprocess.run(_cli(tmp_path, "killed", "--resume"), capture_output=True, text=True, timeout=900,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (ref_path,) = (tmp_path / "ref" / "records").glob("*.json")
+    (res_path,) = (tmp_path / "killed" / "records").glob("*.json")
+    ref, res = json.loads(ref_path.read_text()), json.loads(res_path.read_text())
+    assert res["training_steps"] == ref["training_steps"] == 24
+    assert res["scores"] == ref["scores"] and res["mean"] == ref["mean"]
+
+
+def _ckpt_step(path: Path) -> int:
+    for _ in range(20):  # the file may be mid-replace; retry briefly
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+        except Exception:  # noqa: BLE001 - a torn read is retried
+            time.sleep(0.1)
+    return -1
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "metabench.cli", "run", "--benchmark", "nope", "--quiet"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "unknown benchmark 'nope'" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "metabench.cli", "run", "--set", "algorithm.inner_lr=fast"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "algorithm.inner_lr: expected a number" in out.stderr
