@@ -119,6 +119,12 @@ def cmd_bench_episodes(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_steps(args: argparse.Namespace) -> int:
+    from metabench.step_time import main as bench_main
+
+    return bench_main(args)
+
+
 # -- parser -------------------------------------------------------------------------------------------------
 
 def _dataset_args(p: argparse.ArgumentParser, with_root: bool = True) -> None:
@@ -199,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--out", default="results/speed/episodes.json")
     p.set_defaults(func=cmd_bench_episodes)
+    p = bench.add_parser("steps", help="median meta-iteration time of each algorithm under a preset")
+    p.add_argument("--benchmark", default="omniglot-5w1s")
+    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS)
+    p.add_argument("--preset")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--out", default="results/speed/steps.json")
+    p.set_defaults(func=cmd_bench_steps)
     return parser
 
 

@@ -67,6 +67,9 @@ class TrainerConfig:
     accelerator: str = "auto"
     seed: int = 0
     max_time_minutes: float | None = None
+    # CPU threads for torch (None: torch's default). On a 2-core machine shared with other jobs, OpenMP's
+    # spinning threads can slow small convolutions 20x; 1 thread is the robust choice there.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -126,8 +129,8 @@ def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_fi
     for key in ("data", "episodes", "model", "trainer"):
         tree[key] = dict(spec.get(key, {}))
     algo = dict(presets[preset][algorithm])
-    tree["trainer"].update(algo.pop("trainer", {}))
-    tree["episodes"].update(algo.pop("episodes", {}))
+    for section in ("trainer", "episodes", "model"):  # an algorithm's preset may refine the fixed part
+        _merge(tree[section], algo.pop(section, {}))
     tree["algorithm"] = {"name": algorithm, **algo}
     if config_file is not None:
         with open(config_file) as handle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def comparison_table(records: Sequence[Record]) -> Table:
 
 
 def print_comparison(records: Sequence[Record], paths: Sequence[Path] = (), console: Console | None = None) -> None:
-    console = console or Console()
+    # Piped output (logs, CI) would otherwise wrap the table at 80 columns.
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
     if not records:
         console.print("no finished runs")
         return

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,9 +108,24 @@ def run_dir_for(config: RunConfig) -> Path:
     return Path(config.out_dir) / config.benchmark / f"{config.algorithm.name}-{config.preset}-seed{config.trainer.seed}"
 
 
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and tips and two warnings that do not apply here."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Our evaluation loaders are single-process iterables of known length; the warning is about workers.
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*with manual optimization and every_n_train_steps.*")
+
+
 def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write: bool = True) -> RunResult:
     """Train ``config.algorithm`` on ``config.benchmark``, test on the fixed episodes, write the record."""
+    quiet_lightning()
     device = pick_device(config.trainer.accelerator)
+    if config.trainer.cpu_threads is not None:
+        if config.trainer.cpu_threads < 1:
+            raise ValueError(f"trainer.cpu_threads must be >= 1, got {config.trainer.cpu_threads}")
+        torch.set_num_threads(config.trainer.cpu_threads)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, device)
     module = build_module(config, datamodule)
@@ -131,7 +148,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=config.trainer.max_steps,
         max_time={"minutes": config.trainer.max_time_minutes} if config.trainer.max_time_minutes else None,
         val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        log_every_n_steps=config.trainer.log_every, inference_mode=False, logger=logger, callbacks=callbacks,
+        log_every_n_steps=config.trainer.log_every, inference_mode=False, logger=logger or False, callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
         deterministic=False)
     if logger is not None:

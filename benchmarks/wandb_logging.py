@@ -9,20 +9,40 @@ import netrc
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from metabench.records import Record
 
+# wandb >= 0.31 talks to api.forge.coreweave.com by default and, failing a netrc entry for it, uses the
+# entry for api.wandb.ai behind it (which older releases used alone).
+_FORGE_HOST, _WANDB_HOST = "api.forge.coreweave.com", "api.wandb.ai"
+
+
+def _netrc_hosts() -> tuple[str, ...]:
+    """The netrc machines wandb looks up: its server's host[:port], normalized as wandb does it."""
+    import wandb
+
+    url = os.environ.get("WANDB_BASE_URL", "").strip()
+    try:  # this release's default server, or WANDB_BASE_URL
+        base = wandb.Settings(base_url=url).base_url if url else wandb.Settings().base_url
+    except ValueError:  # an address wandb refuses: it will not log in with it either
+        return ()
+    host = urlsplit(base).netloc
+    return (host, _WANDB_HOST) if host == _FORGE_HOST else (host,)
+
 
 def has_api_key() -> bool:
-    """Whether W&B credentials are configured (environment or ~/.netrc); the key itself is not returned."""
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B credentials are configured: ``WANDB_API_KEY``, an identity token file, or a netrc entry
+    (``$NETRC`` or ``~/.netrc``) for the server; the key itself is never returned or kept."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    # An explicit path, as wandb reads it: no refusal of a group-readable ~/.netrc that wandb would still use.
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     try:
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai")
-                                            .removeprefix("https://").removeprefix("http://"))
+        entries = netrc.netrc(str(path))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
-    return bool(auth and auth[2])
+    return any((auth := entries.authenticators(host)) and auth[2] for host in _netrc_hosts())
 
 
 def make_wandb_logger(config: Any, run_dir: Path):

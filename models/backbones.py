@@ -56,8 +56,8 @@ class Conv4(nn.Module):
     ``ways`` outputs. ``pool=False`` (Omniglot, 64 filters): stride-2 convolutions, 28 -> 14 -> 7 -> 4 -> 2.
     ``pool=True`` (mini-ImageNet, 32 filters): stride-1 convolutions, each block followed by a 2x2 max-pool,
     84 -> 42 -> 21 -> 10 -> 5. The head's input size comes from a dry run on a zero image.
-    (For Omniglot, MAML's reference code averages the final 2x2 map to 64 features instead of flattening it
-    to 256; here both variants flatten, which only widens the head.)
+    ``global_pool=True`` averages the final map over space instead of flattening it: MAML's reference code
+    does this for Omniglot (64 features, ``tf.reduce_mean(hidden4, [1, 2])``), Reptile's flattens (256).
 
     Init (MAML's reference code): Xavier-uniform conv weights and zero conv biases; the linear head is also
     Xavier-uniform with zero bias (MAML drew it from a truncated normal; Xavier keeps one rule and a sane
@@ -66,13 +66,15 @@ class Conv4(nn.Module):
     Input: float ``[B, in_channels, image_size, image_size]``, already scaled (e.g. uint8 / 255 by the caller).
     """
 
-    def __init__(self, in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False) -> None:
+    def __init__(self, in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
+                 global_pool: bool = False) -> None:
         super().__init__()
         if min(in_channels, ways, image_size, hidden) < 1:
             raise ValueError(f"Conv4 needs positive sizes, got in_channels={in_channels}, ways={ways}, "
                              f"image_size={image_size}, hidden={hidden}")
         self.features = nn.Sequential(
             *(_conv_block(in_channels if i == 0 else hidden, hidden, pool) for i in range(4)),
+            *([nn.AdaptiveAvgPool2d(1)] if global_pool else []),
             nn.Flatten(),
         )
         self.feature_size = self._dry_feature_size(in_channels, image_size)
@@ -98,14 +100,15 @@ class Conv4(nn.Module):
         return self.head(self.features(x))
 
 
-def conv4(in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False) -> Conv4:
+def conv4(in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
+          global_pool: bool = False) -> Conv4:
     """Generic Conv4 (any filter count / pooling)."""
-    return Conv4(in_channels, ways, image_size, hidden=hidden, pool=pool)
+    return Conv4(in_channels, ways, image_size, hidden=hidden, pool=pool, global_pool=global_pool)
 
 
-def conv4_omniglot(in_channels: int, ways: int, image_size: int, hidden: int = 64) -> Conv4:
+def conv4_omniglot(in_channels: int, ways: int, image_size: int, hidden: int = 64, global_pool: bool = False) -> Conv4:
     """MAML's Omniglot Conv4: 64 filters, stride-2 convolutions, no pooling."""
-    return Conv4(in_channels, ways, image_size, hidden=hidden, pool=False)
+    return Conv4(in_channels, ways, image_size, hidden=hidden, pool=False, global_pool=global_pool)
 
 
 def conv4_miniimagenet(in_channels: int, ways: int, image_size: int, hidden: int = 32) -> Conv4:

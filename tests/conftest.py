@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,10 @@ def data_root() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A writable cache folder shared by the whole test session (prepared caches are built once)."""
     return tmp_path_factory.mktemp("metabench-cache")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> None:
+    """One torch thread for the whole suite: on a 2-core machine shared with other work, OpenMP's spinning
+    threads make the many tiny convolutions of these tests up to 20x slower; one thread is never that slow."""
+    torch.set_num_threads(1)

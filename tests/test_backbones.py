@@ -94,3 +94,16 @@ def test_bad_sizes_raise() -> None:
         Conv4(1, 0, 28)
     with pytest.raises(ValueError, match="too small"):
         Conv4(3, 5, 8, hidden=4, pool=True)  # 8 -> 4 -> 2 -> 1 -> pooling a 1x1 map fails
+
+
+def test_global_pool_gives_mamls_64_feature_omniglot_head() -> None:
+    """MAML's Omniglot network averages the final 2x2 map: 64 features, head 64 * 5 + 5 parameters."""
+    from metabench.models.backbones import build_backbone
+
+    pooled = build_backbone("conv4-omniglot", 1, 5, 28, global_pool=True)
+    flat = build_backbone("conv4-omniglot", 1, 5, 28)
+    assert pooled.feature_size == 64 and flat.feature_size == 256
+    n_pooled = sum(p.numel() for p in pooled.parameters())
+    n_flat = sum(p.numel() for p in flat.parameters())
+    assert n_flat - n_pooled == (256 - 64) * 5
+    assert pooled(torch.rand(3, 1, 28, 28)).shape == (3, 5)
