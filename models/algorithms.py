@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 from torch import nn
@@ -139,11 +141,25 @@ class Reptile(MetaLearner):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
 
+    def inner_minibatches(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split each task's support set into ``inner_steps`` minibatches of ``inner_batch`` images, cycling
+        through a shuffled order (``[T, n, ...]`` -> ``[T, steps, batch, ...]``). The order depends only on the
+        step number, so a resumed run draws the same minibatches."""
+        steps, size, n = self.config.inner_steps, self.config.inner_batch, x.shape[1]
+        generator = torch.Generator().manual_seed(int(self.global_step))
+        order = torch.randperm(n, generator=generator)
+        rows = order[torch.arange(steps * size) % n].reshape(steps, size).to(x.device)
+        return x[:, rows], y[:, rows]
+
     def training_step(self, batch: MetaBatch, batch_idx: int) -> None:
         sx, sy, qx, qy = self._inputs(batch)
         engine = self._resolve_engine()
         params = {k: v.detach() for k, v in self.params().items()}
-        adapted = adapt_tasks(params, self.task_loss, sx, sy, self.inner_config(True), engine)
+        config = self.inner_config(True)
+        if self.config.inner_batch is not None:
+            sx, sy = self.inner_minibatches(sx, sy)
+            config = dataclasses.replace(config, per_step_batches=True)
+        adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine)
         with torch.no_grad():
             outputs = task_outputs(self.backbone, adapted, qx, engine)
             loss = torch.stack([self.problem.loss(o, y) for o, y in zip(outputs, qy, strict=True)]).mean()

@@ -28,6 +28,9 @@ class AlgorithmConfig:
     # The MAML code adapts on sum(cross-entropy) / K over the N*K support images, i.e. N x the mean loss:
     # its alpha = 0.4 (5-way) is a step of 2.0 on the mean. Presets set this to N to match the paper exactly.
     inner_loss_scale: float = 1.0
+    # Reptile: each inner step uses a minibatch of this many support images, cycling through the shuffled
+    # support set (the paper's "inner batch"); None = every step on the whole support set.
+    inner_batch: int | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -39,6 +42,8 @@ class AlgorithmConfig:
         for key in ("meta_batch", "inner_steps", "eval_steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
+        if self.inner_batch is not None and self.inner_batch <= 0:
+            raise ValueError(f"algorithm.inner_batch must be positive, got {self.inner_batch}")
         for key in ("inner_lr", "meta_lr", "inner_loss_scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")

@@ -34,6 +34,8 @@ class InnerConfig:
         optimizer: "sgd" or "adam" (Adam with beta1 = 0 by default, as in Reptile, Nichol et al. 2018;
             fresh state for every task).
         adam_betas, adam_eps: Adam's (beta1, beta2) and epsilon.
+        per_step_batches: ``x``/``y`` carry a leading ``steps`` dim and step ``i`` uses ``x[i]``, ``y[i]``
+            (Reptile's inner minibatches: fresh data at every step, which is where its meta-signal comes from).
     """
 
     steps: int
@@ -42,6 +44,7 @@ class InnerConfig:
     optimizer: str = "sgd"
     adam_betas: tuple[float, float] = (0.0, 0.999)
     adam_eps: float = 1e-8
+    per_step_batches: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -77,11 +80,12 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
     m = {k: torch.zeros_like(p) for k, p in params.items()} if config.optimizer == "adam" else {}
     v = {k: torch.zeros_like(p) for k, p in params.items()} if config.optimizer == "adam" else {}
     for step in range(1, config.steps + 1):
+        xi, yi = (x[step - 1], y[step - 1]) if config.per_step_batches else (x, y)
         if config.first_order:
             with torch.no_grad():  # torch.func.grad still differentiates inside; the OUTER graph is not built
-                grads = grad_fn(params, x, y)
+                grads = grad_fn(params, xi, yi)
         else:
-            grads = grad_fn(params, x, y)
+            grads = grad_fn(params, xi, yi)
         if config.optimizer == "sgd":
             params = {k: p - config.lr * grads[k] for k, p in params.items()}
             continue

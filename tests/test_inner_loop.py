@@ -338,3 +338,20 @@ def test_bad_engine_and_optimizer_raise() -> None:
 def test_default_engine() -> None:
     assert default_engine(torch.device("cpu")) == "sequential"
     assert default_engine(torch.device("cuda", 0)) == "vmap"
+
+
+def test_per_step_batches_use_one_minibatch_per_step() -> None:
+    """Reptile's inner minibatches: step i sees only x[i]; equal to chaining single-step adaptations."""
+    from metabench.models.inner_loop import InnerConfig, adapt, functional_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = functional_loss(model, torch.nn.functional.cross_entropy)
+    xs, ys = torch.randn(4, 5, 3, dtype=torch.float64), torch.randint(0, 2, (4, 5))
+    batched = adapt(params, loss, xs, ys, InnerConfig(4, 0.5, True, per_step_batches=True))
+    chained = params
+    for i in range(4):
+        chained = adapt(chained, loss, xs[i], ys[i], InnerConfig(1, 0.5, True))
+    for k in params:
+        torch.testing.assert_close(batched[k], chained[k], rtol=0, atol=1e-14)

@@ -10,7 +10,7 @@ import pytest
 from metabench.config import resolve
 from metabench.runner import run
 
-STEPS = {"maml": 250, "fomaml": 250, "reptile": 250}
+STEPS = {"maml": 250, "fomaml": 250, "reptile": 400}
 
 
 @pytest.mark.slow

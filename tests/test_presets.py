@@ -254,7 +254,7 @@ def test_unknown_algorithm() -> None:
 
 def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
     """Guards the YAML itself: a typo in a preset would otherwise only surface when someone runs it."""
-    allowed = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"} | {"trainer", "episodes"}
+    allowed = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"} | {"trainer", "episodes", "model"}
     presets_dir = Path(resolve.__code__.co_filename).parent / "presets"
     for benchmark in PAPER_BENCHMARKS:
         spec = yaml.safe_load((presets_dir / f"{benchmark}.yaml").read_text())
