@@ -128,3 +128,13 @@ def test_cli_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "metabench.cli", "run", "--set", "algorithm.inner_lr=fast"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "algorithm.inner_lr: expected a number" in out.stderr
+
+
+def test_non_transductive_evaluation_is_recorded(tmp_path: Path) -> None:
+    """The Reptile paper's protocol: each query is scored in a batch of support + that query alone."""
+    config = tiny_config(tmp_path, "reptile", steps=4, extra=["algorithm.bn_mode=non-transductive"])
+    record = run(config, progress=False).record
+    assert record.config["algorithm"]["bn_mode"] == "non-transductive"
+    transductive = run(tiny_config(tmp_path / "t", "reptile", steps=4), progress=False).record
+    assert record.episode_digest == transductive.episode_digest
+    assert record.scores != transductive.scores  # batch statistics differ, so do the predictions
