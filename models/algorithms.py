@@ -162,7 +162,7 @@ class Reptile(MetaLearner):
         adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine)
         with torch.no_grad():
             outputs = task_outputs(self.backbone, adapted, qx, engine)
-            loss = torch.stack([self.problem.loss(o, y) for o, y in zip(outputs, qy, strict=True)]).mean()
+            loss = self.problem.loss(outputs.flatten(0, 1), qy.flatten())  # tasks are equal-sized: the task mean
         self._check_finite(loss)
         optimizer = self.optimizers()
         optimizer.zero_grad()
