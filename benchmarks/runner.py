@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from metabench.config import RunConfig
+from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import get_dataset
@@ -64,10 +66,11 @@ class _Clock(Callback):
         self.seconds = float(state_dict["seconds"])
 
 
-def build_datamodule(config: RunConfig, device: torch.device | None = None) -> EpisodicDataModule:
-    """The benchmark's episodes: splits from the dataset registry, fixed evaluation episodes."""
+def build_datamodule(config: RunConfig, device: torch.device | None = None,
+                     load_split: Callable[[str], ImageSplit] | None = None) -> EpisodicDataModule:
+    """The benchmark's episodes: splits from the dataset registry (or ``load_split``), fixed evaluation episodes."""
     info = get_dataset(config.data.name)
-    load = functools.partial(info.load, root=config.data.root, cache_dir=config.data.cache_dir,
+    load = load_split or functools.partial(info.load, root=config.data.root, cache_dir=config.data.cache_dir,
                              **config.data.options) if info.needs_root else functools.partial(
         info.load, **config.data.options)
     ep = config.episodes
@@ -76,7 +79,7 @@ def build_datamodule(config: RunConfig, device: torch.device | None = None) -> E
     return EpisodicDataModule(load, spec, config.algorithm.meta_batch, train_spec=train_spec,
                               seed=config.trainer.seed, eval_seed=ep.eval_seed, val_episodes=ep.val_episodes,
                               test_episodes=ep.test_episodes, eval_batch=ep.eval_batch,
-                              resident_device=device if config.data.resident else None)
+                              resident_device=device if config.data.resident or load_split else None)
 
 
 def build_module(config: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner:

@@ -23,10 +23,8 @@ from lightning.pytorch.callbacks import Callback
 
 from metabench.config import resolve
 from metabench.datasets.base import ImageSplit
-from metabench.datasets.datamodule import EpisodicDataModule
-from metabench.datasets.episodes import EpisodeSpec
 from metabench.models.hparams import ALGORITHMS
-from metabench.runner import build_module, device_name, pick_device, quiet_lightning
+from metabench.runner import build_datamodule, build_module, device_name, pick_device, quiet_lightning
 
 IMAGE_SHAPES = {"omniglot": (1, 28, 28), "synthetic-glyphs": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
 
@@ -64,10 +62,7 @@ def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, w
     ep = config.episodes
     split = random_split(IMAGE_SHAPES[config.data.name],
                          per_class=max(20, (ep.train_shots or ep.shots) + (ep.train_queries or ep.queries)))
-    spec = EpisodeSpec(ep.ways, ep.shots, ep.queries)
-    train_spec = EpisodeSpec(ep.ways, ep.train_shots or ep.shots, ep.train_queries or ep.queries)
-    datamodule = EpisodicDataModule(lambda _split: split, spec, config.algorithm.meta_batch, train_spec=train_spec,
-                                    resident_device=device)
+    datamodule = build_datamodule(config, device, load_split=lambda _name: split)
     L.seed_everything(0, verbose=False)
     module = build_module(config, datamodule)
     timer = _StepTimer()
