@@ -1,4 +1,4 @@
-"""The ``metabench`` command line: ``run``, ``data``, ``episodes`` and ``bench``.
+"""The ``metabench`` command line: ``run``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
 
 Every command fails with one clear line (exit status 2) on bad input instead of a traceback.
 """
@@ -99,7 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import run
 
-    algorithms = args.algorithm or list(DEFAULT_ALGORITHMS)
+    from metabench.config import preset_algorithms
+
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     overrides = list(args.set)
     for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
                       ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
@@ -123,6 +125,27 @@ def cmd_bench_steps(args: argparse.Namespace) -> int:
     from metabench.step_time import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from metabench.speed import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from metabench.leaderboard import make_leaderboard
+
+    result = make_leaderboard(args.records, args.out)
+    for problem in result.problems:
+        print(f"metabench: skipped {problem}", file=sys.stderr)
+    for path in result.paths:
+        print(path)
+    if args.wandb:
+        from metabench.wandb_logging import log_leaderboard
+
+        log_leaderboard(result.tables, result.paths[2])
+    return result.exit_status
 
 
 # -- parser -------------------------------------------------------------------------------------------------
@@ -214,6 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--out", default="results/speed/steps.json")
     p.set_defaults(func=cmd_bench_steps)
+    p = bench.add_parser("speed", help="meta-iteration time, FLOP/s and peak memory per protocol x algorithm x "
+                         "engine, learn2learn included")
+    p.add_argument("--protocol", action="append", help="benchmark name, repeatable; default: omniglot-5w1s, "
+                   "omniglot-20w1s, mini-imagenet-5w1s, mini-imagenet-5w5s")
+    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS, help="repeatable; default: maml")
+    p.add_argument("--engine", action="append", choices=("batched", "vmap", "sequential", "learn2learn"),
+                   help="repeatable; default: all (vmap on CUDA only; learn2learn when installed)")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
+    p.add_argument("--task-chunk", type=int, help="also time the batched engine with the meta-gradient "
+                   "back-propagated this many tasks at a time (memory)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="all cells in this process (faster; CPU memory numbers then unreliable)")
+    p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
+    p.set_defaults(func=cmd_bench_speed)
+
+    p = sub.add_parser("leaderboard", help="records -> LEADERBOARD.md, leaderboard.csv, leaderboard.html; "
+                                           "exit 1 if a record file was skipped")
+    p.add_argument("--records", default="results/records", help="folder of run records (*.json)")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--wandb", action="store_true", help="also log the table and the page to W&B")
+    p.set_defaults(func=cmd_leaderboard)
     return parser
 
 

@@ -108,6 +108,18 @@ def load_preset_file(benchmark: str) -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
+def preset_algorithms(benchmark: str, preset: str | None = None) -> list[str]:
+    """The algorithms that ``preset`` (default: the benchmark's default preset) of ``benchmark`` defines, in
+    ``ALGORITHMS`` order: what a benchmark runs when no algorithm is named (e.g. transfer only on 1-way
+    segmentation benchmarks)."""
+    spec = load_preset_file(benchmark)
+    presets = spec.get("presets", {})
+    preset = preset or spec.get("default_preset") or next(iter(presets), None)
+    if preset not in presets:
+        raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
+    return [name for name in ALGORITHMS if name in presets[preset]]
+
+
 def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_file: str | Path | None = None,
             overrides: list[str] | None = None) -> RunConfig:
     """Build the :class:`RunConfig` of ``algorithm`` on ``benchmark``.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field, fields
@@ -50,6 +51,10 @@ class Record:
     git_commit: str | None
     created: str
     baseline: dict[str, float] = field(default_factory=dict)  # e.g. random init + the same adaptation
+    # Further summary metrics of the same test episodes, e.g. {"miou": 0.41, "fb_iou": 0.62} for segmentation.
+    metrics: dict[str, float] = field(default_factory=dict)
+    # Validation curve: [[training step, training seconds so far, validation mean], ...] in step order.
+    curve: list[list[float]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def validate(self, where: str = "record") -> None:
@@ -83,8 +88,11 @@ _TYPES: dict[str, Any] = {
     "episode_digest": str, "num_episodes": int, "metric": str, "scores": list, "mean": (int, float),
     "ci95": (int, float), "training_steps": int, "train_seconds": (int, float), "eval_seconds": (int, float),
     "tasks_per_second": (int, float), "device": str, "versions": dict, "git_commit": (str, type(None)),
-    "created": str, "baseline": dict, "schema_version": int,
+    "created": str, "baseline": dict, "metrics": dict, "curve": list, "schema_version": int,
 }
+
+
+_OPTIONAL = ("baseline", "metrics", "curve", "schema_version")  # fields a record may omit (defaults apply)
 
 
 def _as_tuple(t: Any) -> tuple:
@@ -117,7 +125,7 @@ def read_record(path: str | Path) -> Record:
     if not isinstance(data, dict):
         raise RecordError(f"{path}: expected a JSON object")
     names = {f.name for f in fields(Record)}
-    missing = sorted(n for n in names - set(data) if n not in ("baseline", "schema_version"))
+    missing = sorted(n for n in names - set(data) if n not in _OPTIONAL)
     if missing:
         raise RecordError(f"{path}: missing field(s) {', '.join(missing)}")
     unknown = sorted(set(data) - names)
@@ -129,7 +137,11 @@ def read_record(path: str | Path) -> Record:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
-    """The current commit of the source tree (with ``+dirty`` if it has uncommitted changes), or None."""
+    """The current commit of the source tree (with ``+dirty`` if it has uncommitted changes).
+
+    Where the tree is a copy without ``.git`` (e.g. a lent GPU machine), ``$METABENCH_GIT_COMMIT`` names the
+    commit the copy was made from (recorded as given, suffixed ``+declared``); None if neither is known.
+    """
     cwd = repo or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -137,7 +149,8 @@ def git_commit(repo: Path | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        declared = os.environ.get("METABENCH_GIT_COMMIT", "").strip()
+        return f"{declared}+declared" if declared else None
     return commit + ("+dirty" if dirty else "")
 
 

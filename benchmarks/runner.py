@@ -24,14 +24,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
-from metabench.config import RunConfig
+from metabench.config import ConfigError, RunConfig
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import get_dataset
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
-from metabench.models.problems import Classification, mean_ci95
+from metabench.models.problems import Classification, Segmentation, mean_ci95
 from metabench.records import Record, git_commit, versions, write_record
 
 
@@ -66,6 +66,32 @@ class _Clock(Callback):
         self.seconds = float(state_dict["seconds"])
 
 
+class _Curve(Callback):
+    """The validation curve ``[[step, training seconds, validation mean], ...]``, kept in the checkpoint."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.points: list[list[float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_validation_end runs after the module's on_validation_epoch_end, which sets last_val_mean.
+        mean = getattr(pl_module, "last_val_mean", None)
+        if trainer.sanity_checking or mean is None:
+            return
+        self.points.append([int(trainer.global_step), round(self.clock.elapsed(), 3), mean])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": self.points}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [list(p) for p in state_dict.get("points", [])]
+
+
+def task_of(config: RunConfig) -> str:
+    """"classification" or "segmentation": what the benchmark's dataset is labelled for."""
+    return getattr(get_dataset(config.data.name), "task", "classification")
+
+
 def build_datamodule(config: RunConfig, device: torch.device | None = None,
                      load_split: Callable[[str], ImageSplit] | None = None) -> EpisodicDataModule:
     """The benchmark's episodes: splits from the dataset registry (or ``load_split``), fixed evaluation episodes."""
@@ -85,10 +111,23 @@ def build_datamodule(config: RunConfig, device: torch.device | None = None,
 def build_module(config: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner:
     """Backbone + problem + algorithm for ``config`` (image shape read from the training split)."""
     channels, height, _ = datamodule.train_sampler.split.image_shape
+    task = task_of(config)
+    # Classification backbones output ``ways`` logits; segmentation networks ``ways + 1`` per pixel (background).
     backbone = build_backbone(config.model.backbone, channels, config.episodes.ways, height,
                               **config.model.options)
-    return build_algorithm(backbone, Classification(invert=config.model.invert), config.algorithm,
-                           config.trainer.max_steps)
+    if getattr(backbone, "task", "classification") != task:
+        raise ConfigError(f"model.backbone {config.model.backbone!r} is a "
+                          f"{getattr(backbone, 'task', 'classification')} network but {config.data.name!r} is a "
+                          f"{task} dataset (segmentation uses conv4-seg)")
+    if config.algorithm.name == "transfer" and (task != "segmentation" or config.episodes.ways != 1):
+        raise ConfigError(f"algorithm transfer needs class-agnostic labels (1-way segmentation); "
+                          f"{config.benchmark} is {config.episodes.ways}-way {task}")
+    problem = (Segmentation(dice_weight=config.algorithm.dice_weight) if task == "segmentation"
+               else Classification(invert=config.model.invert))
+    try:
+        return build_algorithm(backbone, problem, config.algorithm, config.trainer.max_steps)
+    except ValueError as error:  # e.g. an algorithm.adapt prefix that names no parameter
+        raise ConfigError(f"{config.benchmark}/{config.algorithm.name}: {error}") from error
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -139,10 +178,12 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or remove the folder")
     clock = _Clock()
+    curve = _Curve(clock)
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=config.trainer.checkpoint_every, save_last=True,
                         save_top_k=0, save_on_train_epoch_end=False),
         clock,
+        curve,
     ]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, config.trainer.log_every // 5)))
@@ -172,6 +213,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
                           enable_model_summary=False, inference_mode=False)
     trainer_b.test(baseline, datamodule=datamodule, verbose=False)
     base_mean, base_ci = mean_ci95(baseline.test_scores.tolist())
+    baseline_summary = {"random_init_mean": base_mean, "random_init_ci95": base_ci}
+    baseline_summary.update({f"random_init_{k}": v for k, v in baseline.test_metrics.items()})
 
     mean, ci = mean_ci95(scores)
     train_seconds = clock.elapsed()
@@ -184,7 +227,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
         tasks_per_second=module.global_step * config.algorithm.meta_batch / max(train_seconds, 1e-9),
         device=device_name(device), versions=versions(), git_commit=git_commit(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        baseline={"random_init_mean": base_mean, "random_init_ci95": base_ci})
+        baseline=baseline_summary, metrics=dict(module.test_metrics), curve=[list(p) for p in curve.points])
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None:
         _log_final(logger, record, path)

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from metabench.config import resolve
+from metabench.config import preset_algorithms, resolve
 from metabench.datasets.base import ImageSplit
-from metabench.models.hparams import ALGORITHMS
 from metabench.runner import build_datamodule, build_module, device_name, pick_device, quiet_lightning
 
 IMAGE_SHAPES = {"omniglot": (1, 28, 28), "synthetic-glyphs": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
@@ -81,7 +80,7 @@ def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, w
 def main(args: argparse.Namespace) -> int:
     quiet_lightning()
     rows = []
-    for algorithm in args.algorithm or ALGORITHMS:
+    for algorithm in args.algorithm or preset_algorithms(args.benchmark, args.preset):
         row = time_steps(args.benchmark, algorithm, args.preset, args.steps, args.warmup, args.accelerator)
         rows.append(row)
         print(f"{row['benchmark']} {row['algorithm']} ({row['preset']}, engine {row['engine']}, "

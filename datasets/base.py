@@ -31,6 +31,9 @@ class ImageSplit:
         offsets: int64 array ``[K + 1]``, non-decreasing, ``offsets[0] == 0`` and ``offsets[-1] == N``.
         class_names: ``K`` stable class identities (e.g. ``"Gurmukhi/character42/rot090"``).
         image_ids: ``N`` stable image identities (e.g. ``"Gurmukhi/character42/0873_01.png@rot090"``).
+        masks: segmentation splits only: uint8 ``[N, H, W]`` matching ``images`` row for row; 0 = background,
+            1 = foreground of that row's class, 255 = ignore (e.g. PASCAL's object boundaries). ``None`` for
+            classification splits.
     """
 
     name: str
@@ -38,6 +41,7 @@ class ImageSplit:
     offsets: np.ndarray
     class_names: tuple[str, ...]
     image_ids: tuple[str, ...] = field(repr=False)
+    masks: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -52,6 +56,8 @@ class ImageSplit:
             raise DatasetError(f"{self.name}: {len(self.class_names)} class names for {len(offsets) - 1} classes")
         if len(self.image_ids) != n:
             raise DatasetError(f"{self.name}: {len(self.image_ids)} image ids for {n} images")
+        if self.masks is not None:
+            _check_masks(self.name, self.masks, self.images.shape)
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +79,32 @@ class ImageSplit:
 
     def to(self, device: torch.device | str) -> ImageSplit:
         """The same split with its images on ``device`` (e.g. resident on the GPU for episode gathering)."""
-        return ImageSplit(self.name, self.images.to(device), self.offsets, self.class_names, self.image_ids)
+        masks = None if self.masks is None else self.masks.to(device)
+        return ImageSplit(self.name, self.images.to(device), self.offsets, self.class_names, self.image_ids, masks)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.masks is not None
+
+
+MASK_IGNORE = 255  # mask value excluded from segmentation losses and metrics
+_MASK_CHECK_ROWS = 256  # rows per chunk when checking mask values: bounded temporaries on large splits
+
+
+def _check_masks(name: str, masks: torch.Tensor, image_shape: torch.Size) -> None:
+    """Masks must be uint8 ``[N, H, W]`` matching ``[N, C, H, W]`` images, with values in {0, 1, 255}."""
+    expected = (image_shape[0], image_shape[2], image_shape[3])
+    if masks.dtype != torch.uint8 or tuple(masks.shape) != expected:
+        raise DatasetError(f"{name}: masks must be uint8 {list(expected)} to match the images, got {masks.dtype} "
+                           f"{list(masks.shape)}")
+    for start in range(0, masks.shape[0], _MASK_CHECK_ROWS):
+        chunk = masks[start:start + _MASK_CHECK_ROWS]
+        bad = (chunk > 1) & (chunk != MASK_IGNORE)
+        if bool(bad.any()):
+            row = start + int(bad.flatten(1).any(1).nonzero()[0, 0])
+            value = int(chunk[row - start][bad[row - start]][0])
+            raise DatasetError(f"{name}: mask of row {row} holds value {value}; masks may hold only 0 (background), "
+                               f"1 (foreground) and {MASK_IGNORE} (ignore)")
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None, dataset: str) -> Path:

@@ -24,10 +24,12 @@ CACHE_FORMAT = 1  # bump when the on-disk layout of prepared caches changes
 
 @dataclass(frozen=True)
 class Prepared:
-    """A decoded dataset: ``images`` uint8 ``[N, C, H, W]`` and JSON-serialisable ``meta``."""
+    """A decoded dataset: ``images`` uint8 ``[N, C, H, W]``, JSON-serialisable ``meta`` and, for segmentation,
+    ``masks`` uint8 ``[N, H, W]`` (stored beside the images as ``<stem>.masks.npy``)."""
 
     images: np.ndarray
     meta: dict[str, Any]
+    masks: np.ndarray | None = None
 
 
 def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
@@ -100,21 +102,33 @@ def load_or_prepare(name: str, sources: Iterable[Path], params: Mapping[str, Any
     key = cache_key(name, list(sources), params, cache_dir)
     stem = cache_dir / "prepared" / f"{name}-{key}"
     images_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    masks_path = stem.with_suffix(".masks.npy")
     if not (images_path.is_file() and meta_path.is_file()):
         prepared = build()
         if prepared.images.dtype != np.uint8 or prepared.images.ndim != 4:
             raise ValueError(f"{name}: prepared images must be uint8 [N, C, H, W]")
-        images_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=images_path.parent, prefix=f".{images_path.name}.", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(prepared.images))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, images_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if prepared.masks is not None and (prepared.masks.dtype != np.uint8 or prepared.masks.ndim != 3):
+            raise ValueError(f"{name}: prepared masks must be uint8 [N, H, W]")
+        _save_array(images_path, prepared.images)
+        if prepared.masks is not None:
+            _save_array(masks_path, prepared.masks)
         # Metadata is written last: its presence marks a complete cache entry.
-        atomic_write_bytes(meta_path, json.dumps({"key": key, "params": dict(params), **prepared.meta}).encode())
+        atomic_write_bytes(meta_path, json.dumps({"key": key, "params": dict(params), "has_masks":
+                                                  prepared.masks is not None, **prepared.meta}).encode())
     meta = json.loads(meta_path.read_text())
-    return Prepared(np.load(images_path, mmap_mode="c"), meta)
+    masks = np.load(masks_path, mmap_mode="c") if meta.pop("has_masks", False) else None
+    return Prepared(np.load(images_path, mmap_mode="c"), meta, masks)
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename, so a crash never leaves a torn array."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -71,6 +71,10 @@ class MetaBatch:
 
     ``support_x`` ``[T, ways*shots, C, H, W]``, ``support_y`` ``[T, ways*shots]``, ``query_x``
     ``[T, ways*queries, C, H, W]``, ``query_y`` ``[T, ways*queries]``, ``classes`` ``[T, ways]``.
+
+    Segmentation splits (``ImageSplit.masks`` set) give per-pixel targets instead: ``support_y``
+    ``[T, ways*shots, H, W]`` and ``query_y`` ``[T, ways*queries, H, W]``, int64, 0 = background,
+    ``label + 1`` on the foreground of an image whose episode label is ``label``, 255 = ignore.
     """
 
     support_x: torch.Tensor
@@ -139,6 +143,7 @@ class EpisodeSampler:
         self._counts = counts
         self._offsets = split.offsets[:-1]
         self._fixed_cache: dict[tuple[int, int], EpisodeIndices] = {}
+        self._mask_copies: dict[str, torch.Tensor] = {}  # device -> the split's masks resident there
 
     # -- training episodes: fast, seeded, vectorised -------------------------------------------------------
 
@@ -187,11 +192,16 @@ class EpisodeSampler:
 
     # -- gathering ------------------------------------------------------------------------------------------
 
-    def gather(self, indices: EpisodeIndices, images: torch.Tensor | None = None) -> MetaBatch:
+    def gather(self, indices: EpisodeIndices, images: torch.Tensor | None = None,
+               masks: torch.Tensor | None = None) -> MetaBatch:
         """Stack the images of ``indices`` into a :class:`MetaBatch` on the device of ``images``.
 
-        ``images`` defaults to the split's tensor; pass a device-resident copy to gather on the GPU.
+        ``images`` defaults to the split's tensor; pass a device-resident copy to gather on the GPU. For a
+        segmentation split, ``masks`` (default the split's) is gathered the same way, on its own device, and
+        turned into per-pixel targets (see :class:`MetaBatch`).
         """
+        if self.split.masks is not None:
+            return self._gather_segmentation(indices, images, masks)
         images = self.split.images if images is None else images
         device = images.device
         tasks = len(indices)
@@ -213,12 +223,52 @@ class EpisodeSampler:
         classes = torch.as_tensor(indices.classes, device=device)
         return MetaBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), classes)
 
+    def _gather_segmentation(self, indices: EpisodeIndices, images: torch.Tensor | None,
+                             masks: torch.Tensor | None) -> MetaBatch:
+        images = self.split.images if images is None else images
+        masks = self.split.masks if masks is None else masks
+        assert masks is not None
+        if masks.device != images.device:
+            # Resident images were passed without their masks: copy the masks to that device once, not per batch.
+            key = str(images.device)
+            if key not in self._mask_copies:
+                self._mask_copies[key] = masks.to(images.device)
+            masks = self._mask_copies[key]
+        device = images.device
+        tasks = len(indices)
+        support_x, query_x = _take(images, indices.support), _take(images, indices.query)
+        support_m, query_m = _take(masks, indices.support), _take(masks, indices.query)
+        labels = torch.arange(1, self.spec.ways + 1, device=device)  # foreground of episode label l -> l + 1
+        support_y = _targets(support_m, labels.repeat_interleave(self.spec.shots))
+        query_y = _targets(query_m, labels.repeat_interleave(self.spec.queries))
+        classes = torch.as_tensor(indices.classes, device=device)
+        return MetaBatch(support_x.reshape(tasks, -1, *images.shape[1:]), support_y.reshape(tasks, -1, *masks.shape[1:]),
+                         query_x.reshape(tasks, -1, *images.shape[1:]), query_y.reshape(tasks, -1, *masks.shape[1:]),
+                         classes)
+
     def _indices(self, classes: np.ndarray, rows: np.ndarray) -> EpisodeIndices:
         tasks, ways = classes.shape
         shots = self.spec.shots
         return EpisodeIndices(classes.astype(np.int64),
                               np.ascontiguousarray(rows[:, :, :shots]).reshape(tasks, ways * shots),
                               np.ascontiguousarray(rows[:, :, shots:]).reshape(tasks, -1))
+
+
+def _take(tensor: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """Rows ``rows`` (any shape, flattened) of ``tensor``: np.take on the CPU (see ``gather``), else index_select."""
+    flat = rows.reshape(-1)
+    if tensor.device.type == "cpu":
+        return torch.from_numpy(np.take(tensor.numpy(), flat, axis=0))
+    return tensor.index_select(0, torch.as_tensor(flat, device=tensor.device))
+
+
+def _targets(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """int64 per-pixel targets from uint8 masks ``[T*n, H, W]`` whose rows carry ``labels`` (tiled over tasks):
+    1 -> the row's label, 0 and 255 unchanged."""
+    rows = masks.shape[0]
+    per_row = labels.repeat(rows // labels.numel()).view(rows, 1, 1)
+    wide = masks.long()
+    return torch.where(wide == 1, per_row, wide)
 
 
 def _smallest(keys: np.ndarray, k: int) -> np.ndarray:

@@ -24,6 +24,7 @@ class DatasetInfo:
     needs_root: bool
     verifier: str | None = None
     description: str = ""
+    task: str = "classification"  # or "segmentation": splits carry masks, episodes per-pixel targets
 
     def _function(self, ref: str) -> Callable[..., Any]:
         module, _, function = ref.partition(":")
@@ -55,6 +56,22 @@ DATASETS: dict[str, DatasetInfo] = {
     "synthetic-glyphs": DatasetInfo(
         "synthetic-glyphs", "synthetic:make_glyphs", ("train", "val", "test"), False, None,
         "generated Omniglot-like glyphs, deterministic from a seed, no download (the offline default)"),
+    "synthetic-seg": DatasetInfo(
+        "synthetic-seg", "synthetic_seg:make_segmentation", ("train", "val", "test"), False, None,
+        "generated textured objects on textured backgrounds with masks, deterministic from a seed, 64x64 by "
+        "default, no download (the offline segmentation default)", task="segmentation"),
+    "fss-mini": DatasetInfo(
+        "fss-mini", "fss:load_fss_mini", ("train", "val", "test"), True, "fss:verify_fss_mini",
+        "real image/mask pairs in the FSS-1000 layout (DAVIS, Weizmann horses, COCO, CamVid), 33 classes x 10, "
+        "class split from its splits.json; 128x128 by default (option image_size)", task="segmentation"),
+    "fss-1000": DatasetInfo(
+        "fss-1000", "fss:load_fss_1000", ("train", "val", "test"), True, "fss:verify_fss_1000",
+        "FSS-1000 (Li et al. 2020), 1,000 classes x 10 pairs, 520 / 240 / 240 class split, 224x224",
+        task="segmentation"),
+    "pascal-5i": DatasetInfo(
+        "pascal-5i", "pascal5i:load_pascal_5i", ("train", "val", "test"), True, "pascal5i:verify_pascal_5i",
+        "PASCAL-5i (Shaban et al. 2017) on VOC 2012 + SBD, 4 folds of 5 classes (option fold), per-fold lists "
+        "(option lists), 224x224 by default", task="segmentation"),
 }
 
 

@@ -7,6 +7,11 @@
   on the "gradient" ``theta - mean adapted``, so Lightning counts steps, checkpoints the optimizer and
   anneals ``eps`` linearly with an LR scheduler. Meta-batch 1 is the paper's serial version, > 1 its
   batched version.
+- Transfer (the fine-tuning baseline, e.g. Hendryx et al. 2019 for segmentation): plain supervised training
+  of the initial parameters on every image of the meta-batch (Adam, ``meta_lr``); evaluated exactly like the
+  meta-learners. Only meaningful for class-agnostic labels (1-way segmentation).
+- ``config.adapt`` (parameter-name prefixes) restricts the inner loop to those parameters; the others are
+  read from the module inside ``functional_call`` (frozen in the inner loop, still trained by the outer step).
 - Evaluation adapts on each fixed episode's support set with the evaluation steps (always first order:
   no meta-gradient is needed) and scores the queries; batch-norm statistics come from the query batch
   ("transductive", as the MAML code) or from the support set plus one query ("non-transductive").
@@ -15,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import lightning as L
 import torch
@@ -22,9 +28,14 @@ from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
 from metabench.models.hparams import AlgorithmConfig
-from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, default_engine, functional_loss,
-                                         meta_loss, non_transductive_outputs, task_outputs)
-from metabench.models.problems import Classification, mean_ci95
+from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choose_engine, default_engine,
+                                         engine_candidates, functional_loss, meta_backward, meta_loss,
+                                         non_transductive_outputs,
+                                         task_outputs)
+from metabench.models.problems import Classification, Segmentation, mean_ci95
+
+Problem = Classification | Segmentation
+
 
 class DivergenceError(RuntimeError):
     """The meta-loss became NaN or infinite; training stops and the last good checkpoint is kept."""
@@ -33,17 +44,23 @@ class DivergenceError(RuntimeError):
 class MetaLearner(L.LightningModule):
     """Shared evaluation, logging and adaptation for every gradient-based meta-learner."""
 
-    def __init__(self, backbone: nn.Module, problem: Classification, config: AlgorithmConfig,
+    def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig,
                  max_steps: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.problem = problem
         self.config = config
         self.max_steps = max_steps
-        self.engine = config.engine
+        self.engine = config.engine  # "auto" until the first training step times the candidates
+        self.engine_timings: dict[str, float] = {}  # "auto": seconds of each candidate on the first meta-batch
+        self.adapted_names = adapted_parameter_names(backbone, config.adapt)
         self.task_loss = functional_loss(backbone, self.inner_loss)
         self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self._stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self.test_scores: torch.Tensor | None = None  # per-episode scores of the last test run, in order
+        self.test_metrics: dict[str, float] = {}  # the problem's summary metrics of the last test run (mIoU, ...)
+        self.val_metrics: dict[str, float] = {}
+        self.last_val_mean: float | None = None  # mean score of the last validation run (for the curve)
 
     # -- shared pieces ---------------------------------------------------------------------------------------
 
@@ -52,11 +69,26 @@ class MetaLearner(L.LightningModule):
         return self.problem.loss(outputs, targets) * self.config.inner_loss_scale
 
     def params(self) -> Params:
-        return dict(self.backbone.named_parameters())
+        """The parameters the inner loop adapts (all of them unless ``config.adapt`` names prefixes).
 
-    def _resolve_engine(self) -> str:
-        if self.engine == "auto":
-            self.engine = default_engine(self.device)
+        Parameters left out are not passed to ``functional_call``, which then reads them from the module: they
+        stay fixed during adaptation but remain in the outer autograd graph (MAML trains them through it).
+        """
+        return {k: v for k, v in self.backbone.named_parameters() if k in self.adapted_names}
+
+    def _resolve_engine(self, probe: Callable[[str], object] | None = None) -> str:
+        """The engine to run now. A configured engine is returned as is. For "auto": on the first training step
+        (``probe`` given) every candidate of ``engine_candidates`` is timed once on the real meta-batch by
+        ``probe(engine)`` (side-effect free: meta-gradient discarded, no optimizer step) and the fastest is kept
+        for the rest of the run; before that (e.g. Lightning's sanity validation) ``default_engine`` is used
+        without fixing the choice. Which engine wins depends on device AND protocol (see benchmarks/README.md).
+        """
+        if self.engine != "auto":
+            return self.engine
+        if probe is None:
+            return default_engine(self.device)
+        self.engine, self.engine_timings = choose_engine(probe, engine_candidates(self.device, self.backbone),
+                                                         self.device)
         return self.engine
 
     def inner_config(self, training: bool) -> InnerConfig:
@@ -78,6 +110,10 @@ class MetaLearner(L.LightningModule):
 
     def evaluate(self, batch: MetaBatch) -> torch.Tensor:
         """Adapt on each episode's support set with the evaluation steps; per-episode query scores ``[T]``."""
+        return self.problem.episode_scores(self.evaluate_outputs(batch), batch.query_y)
+
+    def evaluate_outputs(self, batch: MetaBatch) -> torch.Tensor:
+        """Query outputs ``[T, m, ...]`` after adapting on each episode's support set (evaluation steps)."""
         engine = self._resolve_engine()
         sx, sy, qx, qy = self._inputs(batch)
         params = {k: v.detach() for k, v in self.params().items()}
@@ -89,29 +125,44 @@ class MetaLearner(L.LightningModule):
                 outputs = task_outputs(self.backbone, adapted, qx, engine)
             else:
                 outputs = non_transductive_outputs(self.backbone, adapted, sx, qx, engine)
-            return self.problem.episode_scores(outputs, qy)
+            return outputs
+
+    def _eval_step(self, stage: str, batch: MetaBatch) -> None:
+        outputs = self.evaluate_outputs(batch)
+        self._scores[stage].append(self.problem.episode_scores(outputs, batch.query_y).cpu())
+        episode_stats = getattr(self.problem, "episode_stats", None)  # segmentation: counts for mIoU / FB-IoU
+        if episode_stats is not None:
+            self._stats[stage].append((episode_stats(outputs, batch.query_y).cpu(), batch.classes.cpu()))
 
     def validation_step(self, batch: MetaBatch, batch_idx: int) -> None:
-        self._scores["val"].append(self.evaluate(batch).cpu())
+        self._eval_step("val", batch)
 
     def test_step(self, batch: MetaBatch, batch_idx: int) -> None:
-        self._scores["test"].append(self.evaluate(batch).cpu())
+        self._eval_step("test", batch)
 
-    def _close_eval(self, stage: str) -> torch.Tensor:
+    def _close_eval(self, stage: str) -> tuple[torch.Tensor, dict[str, float]]:
         scores = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0)
-        self._scores[stage] = []
+        stats = self._stats[stage]
+        self._scores[stage], self._stats[stage] = [], []
+        metrics: dict[str, float] = {}
+        if stats:
+            metrics = self.problem.summary_metrics(torch.cat([s for s, _ in stats]), torch.cat([c for _, c in stats]))
         if scores.numel():
             mean, ci = mean_ci95(scores.tolist())
             name = self.problem.metric_name
             self.log(f"{stage}/{name}", mean, prog_bar=True)
             self.log(f"{stage}/{name}_ci95", ci)
-        return scores
+            for key, value in metrics.items():
+                self.log(f"{stage}/{key}", value)
+        return scores, metrics
 
     def on_validation_epoch_end(self) -> None:
-        self._close_eval("val")
+        scores, self.val_metrics = self._close_eval("val")
+        if scores.numel():
+            self.last_val_mean = float(scores.mean())
 
     def on_test_epoch_end(self) -> None:
-        self.test_scores = self._close_eval("test")
+        self.test_scores, self.test_metrics = self._close_eval("test")
 
     def _log_train(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.log("train/loss", loss.detach(), prog_bar=True)
@@ -120,15 +171,43 @@ class MetaLearner(L.LightningModule):
 
 
 class MAML(MetaLearner):
-    """MAML (Finn et al. 2017); with ``config.name == "fomaml"`` the first-order approximation."""
+    """MAML (Finn et al. 2017); with ``config.name == "fomaml"`` the first-order approximation.
 
-    def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor:
+    With ``config.task_chunk`` the meta-gradient is back-propagated that many tasks at a time inside the step
+    (``inner_loop.meta_backward``: same gradient, the memory of one chunk), which needs manual optimization:
+    Lightning's automatic loop would call ``backward`` on the returned loss once more.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = self.config.task_chunk is None
+
+    def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor | None:
         sx, sy, qx, qy = self._inputs(batch)
-        loss, outputs = meta_loss(self.backbone, self.params(), self.inner_loss, sx, sy, qx, qy,
-                                  self.inner_config(True), self._resolve_engine())
-        self._check_finite(loss)
+        params, config = self.params(), self.inner_config(True)
+
+        def probe(engine: str) -> None:  # "auto": one meta-gradient per candidate, discarded
+            chunk = self.config.task_chunk or sx.shape[0]  # in the step's chunks: the probe keeps its memory cap
+            for start in range(0, sx.shape[0], chunk):
+                part = slice(start, start + chunk)
+                probe_loss, _ = meta_loss(self.backbone, params, self.inner_loss, sx[part], sy[part], qx[part],
+                                          qy[part], config, engine)
+                torch.autograd.grad(probe_loss, list(params.values()), allow_unused=True)
+
+        engine = self._resolve_engine(probe)
+        if self.automatic_optimization:
+            loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine)
+            self._check_finite(loss)
+            self._log_train(loss, outputs, qy)
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss, outputs = meta_backward(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine,
+                                      self.config.task_chunk)
+        self._check_finite(loss)  # before the step: a diverged meta-gradient never reaches the parameters
+        optimizer.step()
         self._log_train(loss, outputs, qy)
-        return loss
+        return None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)
@@ -153,16 +232,16 @@ class Reptile(MetaLearner):
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> None:
         sx, sy, qx, qy = self._inputs(batch)
-        engine = self._resolve_engine()
         params = {k: v.detach() for k, v in self.params().items()}
         config = self.inner_config(True)
         if self.config.inner_batch is not None:
             sx, sy = self.inner_minibatches(sx, sy)
             config = dataclasses.replace(config, per_step_batches=True)
+        engine = self._resolve_engine(lambda e: adapt_tasks(params, self.task_loss, sx, sy, config, e))
         adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine)
         with torch.no_grad():
             outputs = task_outputs(self.backbone, adapted, qx, engine)
-            loss = self.problem.loss(outputs.flatten(0, 1), qy.flatten())  # tasks are equal-sized: the task mean
+            loss = self.problem.loss(outputs.flatten(0, 1), qy.flatten(0, 1))  # equal-sized tasks: the task mean
         self._check_finite(loss)
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -184,10 +263,66 @@ class Reptile(MetaLearner):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "reptile": Reptile}
+class Transfer(MetaLearner):
+    """The fine-tuning baseline: pre-train the initialization by plain supervised learning on the training
+    classes, then fine-tune on each test episode's support set with the same evaluation steps as the
+    meta-learners (``MetaLearner.evaluate``).
+
+    A training step is one Adam step (``meta_lr``) on the problem's loss over every support and query image of
+    the meta-batch (all tasks in one batch). Episode labels must mean the same thing in every episode, i.e.
+    be class-agnostic: 1-way segmentation (0 background, 1 foreground). With N-way labels, label ``l`` would
+    be a different class in every episode and pre-training would learn nothing.
+    """
+
+    def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
+        if not isinstance(problem, Segmentation):
+            raise ValueError("transfer needs class-agnostic labels: it is defined for 1-way segmentation only, "
+                             f"not for {type(problem).__name__.lower()} (episode labels are re-drawn per episode)")
+        if getattr(backbone, "ways", 1) != 1:
+            raise ValueError(f"transfer needs 1-way episodes (class-agnostic foreground), the network has "
+                             f"{backbone.ways} ways")
+        super().__init__(backbone, problem, config, max_steps)
+
+    def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor:
+        sx, sy, qx, qy = self._inputs(batch)
+        if batch.classes.shape[1] != 1:
+            raise ValueError(f"transfer needs 1-way episodes, got {batch.classes.shape[1]}-way")
+        x = torch.cat([sx, qx], dim=1)  # [T, n + m, C, H, W]
+        y = torch.cat([sy, qy], dim=1)
+        outputs = self.backbone(x.flatten(0, 1))
+        loss = self.problem.loss(outputs, y.flatten(0, 1))
+        self._check_finite(loss)
+        self._log_train(loss, outputs.detach().unflatten(0, x.shape[:2]), y)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)
 
 
-def build_algorithm(backbone: nn.Module, problem: Classification, config: AlgorithmConfig,
+def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None) -> frozenset[str]:
+    """Names of the parameters whose name is, or starts with, one of ``prefixes`` + "." (all if ``None``).
+
+    Raises:
+        ValueError: a prefix matches no parameter (the message lists the network's top-level names).
+    """
+    names = [name for name, _ in backbone.named_parameters()]
+    if prefixes is None:
+        return frozenset(names)
+    chosen: set[str] = set()
+    for prefix in prefixes:
+        hits = {n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")}
+        if not hits:
+            tops = sorted({n.split(".", 1)[0] for n in names})
+            raise ValueError(f"algorithm.adapt: prefix {prefix!r} matches no parameter of "
+                             f"{type(backbone).__name__}; its top-level names: {', '.join(tops)}")
+        chosen |= hits
+    return frozenset(chosen)
+
+
+MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "reptile": Reptile, "transfer": Transfer}
+
+
+def build_algorithm(backbone: nn.Module, problem: Problem, config: AlgorithmConfig,
                     max_steps: int) -> MetaLearner:
     """The Lightning module for ``config.name`` (a plain registry lookup)."""
     return MODULES[config.name](backbone, problem, config, max_steps)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALGORITHMS = ("maml", "fomaml", "reptile")
+# "transfer" is the fine-tuning baseline (supervised pre-training, then the same test-time adaptation);
+# it is defined for class-agnostic labels only (1-way segmentation).
+ALGORITHMS = ("maml", "fomaml", "reptile", "transfer")
 BN_MODES = ("transductive", "non-transductive")
-ENGINES = ("auto", "vmap", "sequential")
+ENGINES = ("auto", "vmap", "sequential", "batched")
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -31,6 +33,14 @@ class AlgorithmConfig:
     # Reptile: each inner step uses a minibatch of this many support images, cycling through the shuffled
     # support set (the paper's "inner batch"); None = every step on the whole support set.
     inner_batch: int | None = None
+    # MAML/FOMAML: back-propagate the meta-loss this many tasks at a time (same gradient, peak memory of one
+    # chunk instead of the whole meta-batch); None = the whole meta-batch at once.
+    task_chunk: int | None = None
+    # Parameter-name prefixes adapted in the inner loop (e.g. ["decoder", "head"]); None = every parameter.
+    # The rest are meta-learned (MAML/FOMAML) or pre-trained (transfer) but frozen during adaptation.
+    adapt: list[str] | None = None
+    # Segmentation: weight of the soft Dice loss added to the per-pixel cross-entropy (0 = cross-entropy only).
+    dice_weight: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -44,6 +54,17 @@ class AlgorithmConfig:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
         if self.inner_batch is not None and self.inner_batch <= 0:
             raise ValueError(f"algorithm.inner_batch must be positive, got {self.inner_batch}")
+        if self.task_chunk is not None and self.task_chunk <= 0:
+            raise ValueError(f"algorithm.task_chunk must be positive or null, got {self.task_chunk}")
+        if self.adapt is not None:
+            if not self.adapt or not all(isinstance(p, str) and p for p in self.adapt):
+                raise ValueError(f"algorithm.adapt must be null or a non-empty list of parameter-name prefixes, "
+                                 f"got {self.adapt!r}")
+            if self.name == "reptile":  # its outer step moves only what the inner loop moved
+                raise ValueError("algorithm.adapt is not supported by reptile: its outer step follows the adapted "
+                                 "parameters only, so the frozen ones would never leave their initialization")
+        if self.dice_weight < 0:
+            raise ValueError(f"algorithm.dice_weight must be >= 0, got {self.dice_weight}")
         for key in ("inner_lr", "meta_lr", "inner_loss_scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")

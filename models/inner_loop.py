@@ -2,16 +2,26 @@
 
 Parameters travel as plain dicts (``Params``); the backbone is run through ``torch.func.functional_call``.
 ``adapt`` adapts ONE task and is a pure function ``params -> adapted params``; ``adapt_tasks`` maps it over a
-meta-batch either with ``torch.func.vmap`` ("vmap") or with a Python loop ("sequential"). Inner gradients
-come from ``torch.func.grad``; with ``first_order=False`` the adapted parameters stay differentiable w.r.t.
-the incoming ones by ordinary outer autograd, so ``meta_loss(...).backward()`` is second-order MAML.
-Backbones must be buffer-free (see ``metabench.models.backbones.BatchNorm2d``) for vmap to be exact.
+meta-batch with one of three engines:
+
+- "vmap": ``torch.func.vmap`` over ``adapt`` (inner gradients from ``torch.func.grad``);
+- "sequential": a Python loop over tasks (the reference);
+- "batched": an explicit task dimension. The shared parameters are expanded to ``[T, *shape]`` and the
+  backbone's own ``batched_forward(params, x [T, n, ...])`` runs all tasks in one set of tensor ops (Conv4:
+  one grouped convolution per layer). Tasks are independent, so ONE ``torch.autograd.grad`` of the summed task
+  losses w.r.t. the expanded copy gives every task's own inner gradient. Backbones without
+  ``batched_forward`` (or a task loss not made by :func:`functional_loss`) silently fall back to "sequential".
+
+With ``first_order=False`` the adapted parameters stay differentiable w.r.t. the incoming ones by ordinary
+outer autograd, so ``meta_loss(...).backward()`` is second-order MAML. Backbones must be buffer-free (see
+``metabench.models.backbones.BatchNorm2d``) for vmap to be exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 Params = dict[str, Tensor]
 TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]  # (params, x, y) -> scalar loss of ONE task
-ENGINES = ("vmap", "sequential")
+ENGINES = ("vmap", "sequential", "batched")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -53,13 +63,30 @@ class InnerConfig:
             raise ValueError(f"unknown inner optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
 
 
-def functional_loss(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
+class FunctionalLoss:
+    """A :data:`TaskLoss` made of a model and an output loss; keeps both so the "batched" engine can reach the
+    model's ``batched_forward`` and apply the output loss per task."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.model = model
+        self.loss = loss
+
+    def __call__(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss(functional_call(self.model, params, (x,)), y)
+
+
+def functional_loss(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) -> FunctionalLoss:
     """Turn ``model`` and an output loss into a :data:`TaskLoss` of explicit parameters."""
+    return FunctionalLoss(model, loss)
 
-    def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return loss(functional_call(model, params, (x,)), y)
 
-    return task_loss
+def supports_batched(model: nn.Module, params: Params | None = None) -> bool:
+    """Whether ``model`` has a ``batched_forward(params [T, ...], x [T, n, ...])`` for the "batched" engine
+    and, when ``params`` is given, whether they are ALL of its parameters: ``batched_forward`` takes every
+    parameter explicitly, so adapting a subset (e.g. the head only) runs on the sequential engine."""
+    if not callable(getattr(model, "batched_forward", None)):
+        return False
+    return params is None or set(params) == {name for name, _ in model.named_parameters()}
 
 
 def _safe_sqrt(v: Tensor) -> Tensor:
@@ -76,9 +103,8 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
     gradients are constants, so d(adapted)/d(params) is the identity (for SGD).
     """
     grad_fn = grad(task_loss)
-    beta1, beta2 = config.adam_betas
-    m = {k: torch.zeros_like(p) for k, p in params.items()} if config.optimizer == "adam" else {}
-    v = {k: torch.zeros_like(p) for k, p in params.items()} if config.optimizer == "adam" else {}
+    m: Params = {}
+    v: Params = {}
     for step in range(1, config.steps + 1):
         xi, yi = (x[step - 1], y[step - 1]) if config.per_step_batches else (x, y)
         if config.first_order:
@@ -86,19 +112,59 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
                 grads = grad_fn(params, xi, yi)
         else:
             grads = grad_fn(params, xi, yi)
-        if config.optimizer == "sgd":
-            params = {k: p - config.lr * grads[k] for k, p in params.items()}
-            continue
-        new_params = {}
-        for k, p in params.items():
-            g = grads[k]
-            m[k] = beta1 * m[k] + (1.0 - beta1) * g
-            v[k] = beta2 * v[k] + (1.0 - beta2) * g * g
-            m_hat = m[k] / (1.0 - beta1**step)
-            v_hat = v[k] / (1.0 - beta2**step)
-            new_params[k] = p - config.lr * m_hat / (_safe_sqrt(v_hat) + config.adam_eps)
-        params = new_params
+        params = _inner_update(params, grads, m, v, step, config)
     return params
+
+
+def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig) -> Params:
+    """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state)."""
+    if config.optimizer == "sgd":
+        return {k: p - config.lr * grads[k] for k, p in params.items()}
+    beta1, beta2 = config.adam_betas
+    new_params = {}
+    for k, p in params.items():
+        g = grads[k]
+        m[k] = (1.0 - beta1) * g if k not in m else beta1 * m[k] + (1.0 - beta1) * g
+        v[k] = (1.0 - beta2) * g * g if k not in v else beta2 * v[k] + (1.0 - beta2) * g * g
+        m_hat = m[k] / (1.0 - beta1**step)
+        v_hat = v[k] / (1.0 - beta2**step)
+        new_params[k] = p - config.lr * m_hat / (_safe_sqrt(v_hat) + config.adam_eps)
+    return new_params
+
+
+def _batched_ok(task_loss: TaskLoss, params: Params) -> bool:
+    return isinstance(task_loss, FunctionalLoss) and supports_batched(task_loss.model, params)
+
+
+def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig) -> Params:
+    """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engine).
+
+    ``params`` are shared ``[*shape]``; returns ``[T, *shape]``. Each step runs ``batched_forward`` once and
+    takes ONE ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the tasks
+    share no computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
+    """
+    model, loss = task_loss.model, task_loss.loss
+    tasks = xs.shape[0]
+    per_task_loss = vmap(loss)
+    # Second order only where the outer graph can use it; otherwise inner gradients are constants (as in
+    # ``adapt``, whose torch.func.grad gives the same values either way).
+    second_order = not config.first_order and torch.is_grad_enabled() and any(
+        p.requires_grad for p in params.values())
+    current = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
+    m: Params = {}
+    v: Params = {}
+    for step in range(1, config.steps + 1):
+        xi, yi = (xs[:, step - 1], ys[:, step - 1]) if config.per_step_batches else (xs, ys)
+        if second_order:
+            leaves = current
+        else:
+            leaves = {k: p.detach().requires_grad_() for k, p in current.items()}
+        with torch.enable_grad():
+            total = per_task_loss(model.batched_forward(leaves, xi), yi).sum()
+            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
+                                        allow_unused=True, materialize_grads=True)
+        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config)
+    return {k: p.contiguous() for k, p in current.items()}  # 0 steps: a real [T, ...] copy, as the other engines
 
 
 def _check_engine(engine: str) -> None:
@@ -115,6 +181,8 @@ def adapt_tasks(params: Params, task_loss: TaskLoss, xs: Tensor, ys: Tensor, con
     _check_engine(engine)
     if engine == "vmap":
         return vmap(adapt, in_dims=(None, None, 0, 0, None))(params, task_loss, xs, ys, config)
+    if engine == "batched" and _batched_ok(task_loss, params):
+        return adapt_batched(params, task_loss, xs, ys, config)  # type: ignore[arg-type]
     per_task = [adapt(params, task_loss, x, y, config) for x, y in zip(xs, ys)]
     return {k: torch.stack([p[k] for p in per_task]) for k in params}
 
@@ -128,6 +196,8 @@ def task_outputs(model: nn.Module, adapted: Params, xs: Tensor, engine: str = "v
 
     if engine == "vmap":
         return vmap(forward)(adapted, xs)
+    if engine == "batched" and supports_batched(model, adapted):
+        return model.batched_forward(adapted, xs)
     return torch.stack([forward({k: p[t] for k, p in adapted.items()}, x) for t, x in enumerate(xs)])
 
 
@@ -142,11 +212,40 @@ def meta_loss(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, 
     """
     adapted = adapt_tasks(params, functional_loss(model, task_loss_fn), support_x, support_y, config, engine)
     outputs = task_outputs(model, adapted, query_x, engine)
-    if engine == "vmap":
+    if engine in ("vmap", "batched"):
         losses = vmap(task_loss_fn)(outputs, query_y)
     else:
         losses = torch.stack([task_loss_fn(o, y) for o, y in zip(outputs, query_y)])
     return losses.mean(), outputs.detach()
+
+
+def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, Tensor], Tensor],
+                  support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, config: InnerConfig,
+                  engine: str = "vmap", task_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """``meta_loss(...).backward()`` in chunks of ``task_chunk`` tasks, to cap memory.
+
+    The meta-loss is the mean of independent task losses, so its gradient is the sum over chunks of
+    ``(chunk size / T) * grad(mean loss of the chunk)``: each chunk's graph is built, back-propagated into
+    ``.grad`` (accumulating, like ``backward``) and freed before the next, so peak memory scales with the chunk,
+    not the meta-batch. ``task_chunk=None`` (or >= T) is one chunk. Returns the detached meta-loss and the
+    detached query outputs ``[T, m, ...]``.
+    """
+    tasks = support_x.shape[0]
+    chunk = tasks if task_chunk is None else task_chunk
+    if chunk <= 0:
+        raise ValueError(f"task_chunk must be a positive number of tasks or None, got {task_chunk}")
+    total = torch.zeros((), dtype=query_x.dtype if query_x.is_floating_point() else torch.float32,
+                        device=query_x.device)
+    outputs = []
+    for start in range(0, tasks, chunk):
+        part = slice(start, min(start + chunk, tasks))
+        loss, out = meta_loss(model, params, task_loss_fn, support_x[part], support_y[part], query_x[part],
+                              query_y[part], config, engine)
+        weight = (part.stop - part.start) / tasks
+        (loss * weight).backward()
+        total = total + loss.detach() * weight
+        outputs.append(out)
+    return total, torch.cat(outputs)
 
 
 @torch.no_grad()
@@ -156,13 +255,71 @@ def reptile_update(params: Params, adapted: Params, epsilon: float) -> Params:
 
 
 def default_engine(device: torch.device | str) -> str:
-    """The faster engine for ``device``: "vmap" on CUDA, "sequential" on CPU.
+    """The fallback engine for "auto" when nothing has been timed yet: "vmap" on CUDA, "sequential" on CPU.
 
-    Measured on Conv4-omniglot, 5-way 1-shot, 15 queries per class, meta-batch 32, 1 second-order step,
-    float32, one forward+backward: H100 vmap 40 ms vs sequential 750 ms; 2-core CPU (1 thread, CPU time)
-    sequential 2.7 s vs vmap 5.0 s (vmap runs the per-task convs as one grouped conv, probably slower on CPU).
+    "auto" in the Lightning modules times :func:`engine_candidates` on the first training step
+    (:func:`choose_engine`) because the winner depends on the protocol: on CPU (2-core x86-64, 1 thread, busy
+    machine, ``metabench bench speed``) MAML Omniglot 5w1s: batched 0.51 s, learn2learn 0.77 s, sequential
+    1.61 s; Omniglot 20w1s (5 steps): batched 5.2 s, learn2learn 6.8 s, sequential 7.6 s; mini-ImageNet: see
+    benchmarks/README.md. CUDA (H100, earlier measurement): vmap 40 ms vs sequential 750 ms.
     """
     return "vmap" if torch.device(device).type == "cuda" else "sequential"
+
+
+def engine_candidates(device: torch.device | str, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The engines worth timing on ``device`` for ``model`` (what ``engine: auto`` chooses among).
+
+    CPU: "batched" (when ``model`` has a ``batched_forward``) and "sequential" -- which one wins depends on the
+    protocol (measured: batched 1.5-1.8x faster on Omniglot 5w1s MAML, on par on 20w1s with 5 steps). vmap is
+    left out on CPU (1.9x slower than sequential). CUDA: "vmap" and "batched"; the sequential loop is ~20x
+    slower there (H100: 750 ms vs 40 ms per Omniglot 5w1s MAML iteration).
+    """
+    batched = ("batched",) if model is None or supports_batched(model) else ()
+    if torch.device(device).type == "cuda":
+        return ("vmap", *batched)
+    return (*batched, "sequential")
+
+
+def time_engines(run: Callable[[str], object], candidates: Sequence[str], device: torch.device | str,
+                 repeats: int = 1) -> dict[str, float]:
+    """Seconds of ``run(engine)`` for each candidate (the best of ``repeats`` calls; CUDA synchronised).
+
+    ``run`` must be free of side effects (e.g. a meta-loss and ``torch.autograd.grad``, gradients discarded,
+    no optimizer step): it is called ``repeats`` times per candidate.
+    """
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    seconds: dict[str, float] = {}
+    for engine in candidates:
+        _check_engine(engine)
+        best = float("inf")
+        for _ in range(max(repeats, 1)):
+            sync()
+            start = time.perf_counter()
+            run(engine)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        seconds[engine] = best
+    return seconds
+
+
+def choose_engine(run: Callable[[str], object], candidates: Sequence[str], device: torch.device | str,
+                  repeats: int = 1) -> tuple[str, dict[str, float]]:
+    """The fastest candidate by :func:`time_engines` (ties: the first listed) and every candidate's seconds.
+
+    A single candidate is returned without running anything.
+    """
+    if not candidates:
+        raise ValueError("choose_engine needs at least one candidate engine")
+    if len(candidates) == 1:
+        _check_engine(candidates[0])
+        return candidates[0], {}
+    seconds = time_engines(run, candidates, device, repeats)
+    return min(candidates, key=lambda e: seconds[e]), seconds
 
 
 def non_transductive_outputs(model: nn.Module, adapted: Params, support_x: Tensor, query_x: Tensor,
@@ -179,6 +336,15 @@ def non_transductive_outputs(model: nn.Module, adapted: Params, support_x: Tenso
         batch = torch.cat([support, query.unsqueeze(0)])
         return functional_call(model, params, (batch,))[-1]
 
+    if engine == "batched" and supports_batched(model, adapted):
+        # every (task, query) pair is its own "task": its support set plus that one query, with the task's params
+        tasks, m, n = query_x.shape[0], query_x.shape[1], support_x.shape[1]
+        batch = torch.cat([support_x.unsqueeze(1).expand(tasks, m, *support_x.shape[1:]), query_x.unsqueeze(2)],
+                          dim=2).reshape(tasks * m, n + 1, *query_x.shape[2:])
+        repeated = {k: p.unsqueeze(1).expand(tasks, m, *p.shape[1:]).reshape(tasks * m, *p.shape[1:])
+                    for k, p in adapted.items()}
+        outputs = model.batched_forward(repeated, batch)[:, -1]
+        return outputs.reshape(tasks, m, *outputs.shape[1:])
     per_task = vmap(one_query, in_dims=(None, None, 0))  # over the m query examples of one task
     if engine == "vmap":
         return vmap(per_task)(adapted, support_x, query_x)

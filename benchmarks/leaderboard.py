@@ -1,0 +1,566 @@
+"""The leaderboard: every run record -> one honest comparison table per benchmark (Markdown, CSV, HTML).
+
+A benchmark table is keyed by (benchmark, protocol), protocol being the record's ``algorithm.bn_mode``
+(transductive or non-transductive test-time batch norm). Its rows are keyed by (algorithm, backbone, preset,
+protocol, episode digest); records of one row key (several seeds) are aggregated. Rows are only compared,
+ranked and tested against each other on identical test episodes (one digest); rows on other digests are
+shown apart, never ranked with them. Published numbers come from ``paper_results.yaml`` beside this file.
+
+Output is deterministic: the same records give byte-identical files (no timestamps, no absolute paths,
+stable orders, fixed float precision).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from metabench.records import Record, RecordError, read_record
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+Z95 = 1.96  # two-sided 95% normal quantile, as in records.mean_ci95
+ALPHA = 0.05  # significance level of the paired test
+NORMAL_MIN_N = 30  # paired t-test with the normal approximation from here; paired bootstrap below
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed: the same records always give the same verdicts
+
+REPRODUCED, OVERLAP, BELOW, NO_PAPER = "reproduced", "CIs overlap", "below", "—"
+
+METHODS_TEXT = (
+    "- **Scores** are fractions of the test episodes' metric, shown in percent. Each record evaluates a fixed, "
+    "seeded set of test episodes named by its sha256 *digest*.\n"
+    "- **Several seeds** (runs) of one configuration (algorithm, backbone, preset, protocol, digest) are "
+    "aggregated: with S runs on the same n episodes, x_i is episode i's score averaged over the runs and "
+    "m_s run s's mean. Reported mean M = mean of the m_s; 95% CI half-width = 1.96 · sqrt(s_x²/n + s_m²/S), "
+    "s_x² the sample variance of the x_i, s_m² that of the m_s (0 for one run, which leaves the record's own "
+    "1.96 · s/√n).\n"
+    "- **Comparability**: only rows on the same test episodes (same digest) are compared. Per table the "
+    "reference digest is the one with the most records (ties: the smallest digest); rows on any other digest "
+    "are listed apart under *different test episodes — not comparable*.\n"
+    f"- **Ranking**: on the reference episodes the best row has the highest mean. Every other row is compared "
+    f"with it by a two-sided paired test on the per-episode (run-averaged) score differences at the "
+    f"{int(ALPHA * 100)}% level: a t-test with the normal approximation when n ≥ {NORMAL_MIN_N}, otherwise "
+    f"a paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, fixed seed, percentile interval of the mean "
+    f"difference). The best row and every row not significantly worse are **bold**; the p-value (or "
+    f"bootstrap interval) is in the *vs best* column.\n"
+    "- **Verdict** against the paper: *reproduced* if our mean ≥ paper mean − paper CI (within or above the "
+    "paper's interval); *CIs overlap* if the two 95% intervals overlap otherwise; *below* else; — without a "
+    "published number. Δ paper = ours − paper in percentage points.\n"
+    "- **Times** are wall-clock seconds on the named device (mean over runs): training, and testing all "
+    "episodes; tasks/s is the training throughput (meta-training tasks per second of training).\n"
+    "- *paper only* rows are published numbers of configurations we have no record of, for context."
+)
+
+
+class LeaderboardError(ValueError):
+    """No leaderboard can be made (e.g. no readable record at all); the message says why."""
+
+
+# -- paper numbers ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaperResult:
+    """One published number, in percent as printed, with its citation."""
+
+    benchmark: str
+    algorithm: str
+    protocol: str
+    mean: float
+    ci95: float | None
+    paper: str
+    arxiv: str
+    table: str
+    row: str
+
+    @property
+    def source(self) -> str:
+        """Short citation: first author, year, arXiv id and table."""
+        first = self.paper.split(",")[0].split(".")[0].strip()
+        year = next((w.strip(".") for w in reversed(self.paper.split()) if w.strip(".").isdigit()), "")
+        return f"{first} {year}, arXiv:{self.arxiv}, {self.table}"
+
+
+_PAPER_KEYS = ("benchmark", "algorithm", "protocol", "mean", "ci95", "source", "table", "row")
+
+
+def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
+    """Read the published numbers; a malformed entry raises ``ValueError`` naming the file and the entry."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{path.name}: expected a mapping with a 'results' list")
+    out: list[PaperResult] = []
+    seen: set[tuple[str, str, str]] = set()
+    for i, entry in enumerate(data["results"]):
+        where = f"{path.name}: results[{i}]"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(_PAPER_KEYS):
+            raise ValueError(f"{where}: expected exactly the keys {', '.join(_PAPER_KEYS)}")
+        source = entry["source"]
+        if not isinstance(source, dict) or not {"paper", "arxiv"} <= set(source):
+            raise ValueError(f"{where}: source needs paper and arxiv")
+        ci = entry["ci95"]
+        if not isinstance(entry["mean"], (int, float)) or not (ci is None or isinstance(ci, (int, float))):
+            raise ValueError(f"{where}: mean and ci95 must be numbers (ci95 may be null)")
+        key = (entry["benchmark"], entry["algorithm"], entry["protocol"])
+        if key in seen:
+            raise ValueError(f"{where}: a second number for {key}")
+        seen.add(key)
+        out.append(PaperResult(benchmark=str(entry["benchmark"]), algorithm=str(entry["algorithm"]),
+                               protocol=str(entry["protocol"]), mean=float(entry["mean"]),
+                               ci95=None if ci is None else float(ci), paper=str(source["paper"]),
+                               arxiv=str(source["arxiv"]), table=str(entry["table"]), row=str(entry["row"])))
+    return out
+
+
+# -- loading records ----------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    """The records that could be used, with their file names, and one message per skipped file."""
+
+    records: list[tuple[str, Record]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _config_key(record: Record, *keys: str) -> str:
+    value: Any = record.config
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise RecordError(f"config has no {'.'.join(keys)}")
+        value = value[key]
+    if not isinstance(value, str):
+        raise RecordError(f"config.{'.'.join(keys)} should be a string, got {value!r:.40}")
+    return value
+
+
+def load_records(records_dir: str | Path) -> Loaded:
+    """Read every ``*.json`` under ``records_dir`` (sorted); bad or duplicate files become problems.
+
+    A file is skipped when :func:`read_record` rejects it, when its config lacks ``algorithm.bn_mode`` or
+    ``model.backbone``, or when an earlier file (in path order) already claimed its run id.
+    """
+    root = Path(records_dir)
+    if not root.is_dir():
+        raise LeaderboardError(f"records folder {root} does not exist")
+    loaded = Loaded()
+    owner: dict[str, str] = {}
+    for path in sorted(root.rglob("*.json")):
+        name = path.relative_to(root).as_posix()  # never an absolute path in the outputs
+        try:
+            record = read_record(path)
+            _config_key(record, "algorithm", "bn_mode")
+            _config_key(record, "model", "backbone")
+        except RecordError as error:
+            message = str(error).replace(str(path), "").lstrip(": ")
+            loaded.problems.append(f"{name}: skipped: {message}")
+            continue
+        if record.run_id in owner:
+            loaded.problems.append(f"{name}: skipped: run id {record.run_id!r} already claimed by "
+                                   f"{owner[record.run_id]}")
+            continue
+        owner[record.run_id] = name
+        loaded.records.append((name, record))
+    return loaded
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+
+def _sample_var(values: Sequence[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = math.fsum(values) / n
+    return math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+
+
+def aggregate_runs(score_lists: Sequence[Sequence[float]]) -> tuple[float, float, list[float]]:
+    """Mean, 95% CI half-width and per-episode run-averaged scores of S runs on the same n episodes.
+
+    M = mean of the run means; CI = 1.96 * sqrt(s_x^2 / n + s_m^2 / S) with s_x^2 the sample variance of the
+    run-averaged episode scores and s_m^2 that of the run means (0 for one run). NaN CI for one episode.
+    """
+    if not score_lists:
+        raise ValueError("aggregate_runs needs at least one run")
+    n = len(score_lists[0])
+    if n == 0 or any(len(s) != n for s in score_lists):
+        raise ValueError("every run must have the same, non-zero number of episode scores")
+    runs = len(score_lists)
+    per_episode = [math.fsum(s[i] for s in score_lists) / runs for i in range(n)]
+    run_means = [math.fsum(s) / n for s in score_lists]
+    mean = math.fsum(run_means) / runs
+    if n < 2:
+        return mean, float("nan"), per_episode
+    ci = Z95 * math.sqrt(_sample_var(per_episode) / n + _sample_var(run_means) / runs)
+    return mean, ci, per_episode
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Outcome of testing ``a`` (the best) against ``b`` on the same episodes."""
+
+    method: str  # "t" (normal approximation) or "bootstrap"
+    mean_difference: float  # mean of a_i - b_i
+    p_value: float | None  # two-sided, for the t-test
+    interval: tuple[float, float] | None  # 95% percentile interval of the mean difference, for the bootstrap
+    tied: bool  # equality not rejected at ALPHA
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
+    """Two-sided paired test of equal means on per-episode scores (same episodes, same order).
+
+    n >= 30: t = mean(d) / (s_d / sqrt(n)) against the standard normal. n < 30: deterministic paired
+    bootstrap of the mean difference. Identical score vectors are always tied; a constant non-zero difference
+    never is.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_test needs two non-empty score lists of the same length")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = d.size
+    mean = float(math.fsum(d.tolist()) / n)
+    if n >= NORMAL_MIN_N:
+        sd = math.sqrt(_sample_var(d.tolist()))
+        if sd == 0.0:
+            p = 1.0 if mean == 0.0 else 0.0
+        else:
+            p = math.erfc(abs(mean / (sd / math.sqrt(n))) / math.sqrt(2.0))
+        return PairedTest("t", mean, p, None, p >= ALPHA)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = d[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
+    low, high = (float(q) for q in np.quantile(means, [ALPHA / 2, 1 - ALPHA / 2]))
+    return PairedTest("bootstrap", mean, None, (low, high), low <= 0.0 <= high)
+
+
+def verdict(ours_pct: float, ours_ci_pct: float, paper: PaperResult | None) -> str:
+    """reproduced / CIs overlap / below / — (see METHODS_TEXT); all in percent."""
+    if paper is None:
+        return NO_PAPER
+    paper_ci = paper.ci95 or 0.0
+    ours_ci = 0.0 if math.isnan(ours_ci_pct) else ours_ci_pct
+    if ours_pct >= paper.mean - paper_ci:
+        return REPRODUCED
+    if ours_pct + ours_ci >= paper.mean - paper_ci:
+        return OVERLAP
+    return BELOW
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One configuration on one set of test episodes: our runs aggregated, or a paper-only number."""
+
+    algorithm: str
+    backbone: str
+    preset: str
+    protocol: str
+    digest: str  # "" for paper-only rows
+    files: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    episodes: int = 0
+    mean: float = float("nan")  # fraction
+    ci95: float = float("nan")  # fraction
+    per_episode: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # extra summary metrics, run-averaged
+    training_steps: float = float("nan")
+    train_seconds: float = float("nan")
+    eval_seconds: float = float("nan")
+    tasks_per_second: float = float("nan")
+    devices: list[str] = field(default_factory=list)
+    curves: list[list[list[float]]] = field(default_factory=list)
+    paper: PaperResult | None = None
+    best: bool = False
+    tied: bool = False  # not significantly worse than the best (bold)
+    test: PairedTest | None = None
+
+    @property
+    def paper_only(self) -> bool:
+        return not self.files
+
+    @property
+    def runs(self) -> int:
+        return len(self.files)
+
+    @property
+    def verdict(self) -> str:
+        return "paper only" if self.paper_only else verdict(100 * self.mean, 100 * self.ci95, self.paper)
+
+    @property
+    def delta(self) -> float | None:
+        """Ours - paper in percentage points."""
+        return None if self.paper is None or self.paper_only else 100 * self.mean - self.paper.mean
+
+    @property
+    def label(self) -> str:
+        return self.algorithm if not self.paper_only else f"{self.algorithm} (paper)"
+
+
+@dataclass
+class BenchmarkTable:
+    """All rows of one (benchmark, protocol): ranked rows on the reference digest, the rest apart."""
+
+    benchmark: str
+    protocol: str
+    metric: str
+    reference_digest: str
+    rows: list[Row]  # reference digest, best first
+    other_rows: list[Row]  # other digests: not comparable
+    paper_rows: list[Row]  # published numbers without a record of ours
+    extra_metrics: list[str]
+
+    @property
+    def title(self) -> str:
+        return f"{self.benchmark} · {self.protocol} · {self.metric}"
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.benchmark}--{self.protocol}"
+
+
+def _row_from_records(key: tuple[str, str, str, str, str], named: list[tuple[str, Record]],
+                      paper: PaperResult | None) -> Row:
+    algorithm, backbone, preset, protocol, digest = key
+    named = sorted(named, key=lambda fr: (fr[1].seed, fr[1].run_id))
+    records = [r for _, r in named]
+    mean, ci, per_episode = aggregate_runs([r.scores for r in records])
+    metric_names = sorted({k for r in records for k in r.metrics})
+    metrics = {k: math.fsum(r.metrics[k] for r in records if k in r.metrics) /
+               sum(1 for r in records if k in r.metrics) for k in metric_names}
+
+    def avg(attr: str) -> float:
+        return math.fsum(getattr(r, attr) for r in records) / len(records)
+
+    return Row(algorithm=algorithm, backbone=backbone, preset=preset, protocol=protocol, digest=digest,
+               files=[f for f, _ in named], seeds=sorted({r.seed for r in records}),
+               episodes=records[0].num_episodes, mean=mean, ci95=ci, per_episode=per_episode, metrics=metrics,
+               training_steps=avg("training_steps"), train_seconds=avg("train_seconds"),
+               eval_seconds=avg("eval_seconds"), tasks_per_second=avg("tasks_per_second"),
+               devices=sorted({r.device for r in records}), curves=[r.curve for r in records if r.curve],
+               paper=paper)
+
+
+def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperResult] = ()) -> list[BenchmarkTable]:
+    """Group ``(file name, record)`` pairs into benchmark tables, aggregate, rank and attach paper numbers."""
+    paper_index = {(p.benchmark, p.algorithm, p.protocol): p for p in papers}
+    by_table: dict[tuple[str, str], dict[tuple[str, ...], list[tuple[str, Record]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for name, record in records:
+        protocol = _config_key(record, "algorithm", "bn_mode")
+        backbone = _config_key(record, "model", "backbone")
+        row_key = (record.algorithm, backbone, record.preset, protocol, record.episode_digest)
+        by_table[(record.benchmark, protocol)][row_key].append((name, record))
+
+    tables: list[BenchmarkTable] = []
+    for (benchmark, protocol), groups in sorted(by_table.items()):
+        counts = Counter(r.episode_digest for named in groups.values() for _, r in named)
+        reference = min(counts, key=lambda d: (-counts[d], d))
+        rows = [_row_from_records(key, named, paper_index.get((benchmark, key[0], protocol)))
+                for key, named in sorted(groups.items())]
+        metric_names = sorted({r.metric for named in groups.values() for _, r in named})
+        extra = sorted({k for named in groups.values() for _, r in named for k in r.metrics})
+        ranked = sorted((r for r in rows if r.digest == reference),
+                        key=lambda r: (-r.mean, r.algorithm, r.backbone, r.preset))
+        _rank(ranked)
+        others = sorted((r for r in rows if r.digest != reference),
+                        key=lambda r: (r.digest, -r.mean, r.algorithm, r.backbone, r.preset))
+        ours = {r.algorithm for r in rows}
+        paper_rows = [Row(algorithm=p.algorithm, backbone="", preset="", protocol=p.protocol, digest="", paper=p)
+                      for p in sorted(papers, key=lambda p: (-p.mean, p.algorithm))
+                      if p.benchmark == benchmark and p.protocol == protocol and p.algorithm not in ours]
+        tables.append(BenchmarkTable(benchmark=benchmark, protocol=protocol, metric=" / ".join(metric_names),
+                                     reference_digest=reference, rows=ranked, other_rows=others,
+                                     paper_rows=paper_rows, extra_metrics=extra))
+    return tables
+
+
+def _rank(rows: list[Row]) -> None:
+    """Mark the best row (first: highest mean) and every row the paired test cannot tell from it."""
+    if not rows:
+        return
+    best = rows[0]
+    best.best = best.tied = True
+    for row in rows[1:]:
+        row.test = paired_test(best.per_episode, row.per_episode)
+        row.tied = row.test.tied
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+
+def pct(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def ours_text(row: Row) -> str:
+    return "—" if row.paper_only else f"{pct(row.mean)} ± {pct(row.ci95)}"
+
+
+def paper_text(row: Row) -> str:
+    if row.paper is None:
+        return "—"
+    return f"{row.paper.mean:g}" + ("" if row.paper.ci95 is None else f" ± {row.paper.ci95:g}")
+
+
+def vs_best_text(row: Row) -> str:
+    if row.best:
+        return "best"
+    test = row.test
+    if test is None:
+        return "—"
+    word = "tied" if test.tied else "worse"
+    if test.p_value is not None:
+        return f"{word} (p<0.001)" if test.p_value < 0.001 else f"{word} (p={test.p_value:.3f})"
+    assert test.interval is not None
+    return f"{word} (Δ 95% [{100 * test.interval[0]:.2f}, {100 * test.interval[1]:.2f}])"
+
+
+def steps_text(row: Row) -> str:
+    return "—" if math.isnan(row.training_steps) else f"{row.training_steps:.0f}"
+
+
+def runs_text(row: Row) -> str:
+    return "—" if row.paper_only else f"{len(row.seeds)}/{row.runs}"
+
+
+def columns(table: BenchmarkTable) -> list[str]:
+    """Column headings shared by the Markdown and HTML tables."""
+    return (["algorithm", "backbone", "preset", f"ours {table.metric} % (95% CI)"]
+            + [f"{m} %" for m in table.extra_metrics]
+            + ["seeds/runs", "episodes", "digest", "paper % (95% CI)", "source", "Δ paper", "verdict",
+               "vs best", "steps", "train s", "test s", "tasks/s", "device"])
+
+
+def cells(table: BenchmarkTable, row: Row) -> list[str]:
+    """One row's cells, in :func:`columns` order (plain text)."""
+    ours = not row.paper_only
+    return ([row.label, row.backbone or "—", row.preset or "—", ours_text(row)]
+            + [pct(row.metrics.get(m)) if ours else "—" for m in table.extra_metrics]
+            + [runs_text(row), str(row.episodes) if ours else "—", row.digest[:12] if ours else "—",
+               paper_text(row), row.paper.source if row.paper else "—",
+               "—" if row.delta is None else f"{row.delta:+.2f}", row.verdict, vs_best_text(row),
+               steps_text(row), fmt(row.train_seconds, 1), fmt(row.eval_seconds, 1), fmt(row.tasks_per_second, 1),
+               "; ".join(row.devices) or "—"])
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(table: BenchmarkTable, rows: Sequence[Row], bold: bool) -> list[str]:
+    heads = columns(table)
+    lines = ["| " + " | ".join(_md_escape(h) for h in heads) + " |", "|" + "---|" * len(heads)]
+    for row in rows:
+        values = [_md_escape(c) for c in cells(table, row)]
+        if bold and row.tied:
+            values[0], values[3] = f"**{values[0]}**", f"**{values[3]}**"
+        lines.append("| " + " | ".join(values) + " |")
+    return lines
+
+
+def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = ()) -> str:
+    """The whole ``LEADERBOARD.md`` page."""
+    out = ["# metabench leaderboard", "",
+           "Generated by `metabench leaderboard` from the run records in `results/records/`; do not edit by "
+           "hand.", "", "## How to read it", "", METHODS_TEXT, ""]
+    if problems:
+        out += ["## Skipped record files", ""] + [f"- {_md_escape(p)}" for p in problems] + [""]
+    for table in tables:
+        out += [f"## {table.title}", ""]
+        if table.rows:
+            ref = table.rows[0]
+            out += [f"Test episodes: {ref.episodes}, digest `{table.reference_digest[:12]}` "
+                    f"(`{table.reference_digest}`).", ""]
+            out += _md_table(table, table.rows + table.paper_rows, bold=True) + [""]
+        if table.other_rows:
+            out += ["**Different test episodes — not comparable** with the table above (never ranked with it):",
+                    ""]
+            out += [f"- `{d}`" for d in sorted({r.digest for r in table.other_rows})] + [""]
+            out += _md_table(table, table.other_rows, bold=False) + [""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+CSV_COLUMNS = ["benchmark", "protocol", "metric", "section", "algorithm", "backbone", "preset", "mean_pct",
+               "ci95_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest", "best_or_tied",
+               "vs_best", "paper_mean_pct", "paper_ci95_pct", "paper_source", "paper_row", "delta_pct", "verdict",
+               "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files"]
+
+
+def render_csv(tables: Sequence[BenchmarkTable]) -> str:
+    """One CSV line per row of every table (ranked, not comparable, paper only)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for table in tables:
+        for section, rows in (("ranked", table.rows), ("not comparable", table.other_rows),
+                              ("paper only", table.paper_rows)):
+            for row in rows:
+                ours = not row.paper_only
+                paper = row.paper
+                writer.writerow([
+                    table.benchmark, table.protocol, table.metric, section, row.algorithm, row.backbone, row.preset,
+                    pct(row.mean, 4) if ours else "", pct(row.ci95, 4) if ours else "",
+                    ";".join(f"{k}={pct(v, 4)}" for k, v in sorted(row.metrics.items())),
+                    len(row.seeds) if ours else "", row.runs if ours else "", row.episodes if ours else "",
+                    row.digest, ("yes" if row.tied else "no") if section == "ranked" else "",
+                    vs_best_text(row) if section == "ranked" else "",
+                    f"{paper.mean:g}" if paper else "", f"{paper.ci95:g}" if paper and paper.ci95 is not None else "",
+                    paper.source if paper else "", paper.row if paper else "",
+                    "" if row.delta is None else f"{row.delta:.4f}", "" if row.verdict == NO_PAPER else row.verdict,
+                    steps_text(row) if ours else "", fmt(row.train_seconds, 3) if ours else "",
+                    fmt(row.eval_seconds, 3) if ours else "", fmt(row.tasks_per_second, 3) if ours else "",
+                    "; ".join(row.devices), " ".join(row.files)])
+    return buffer.getvalue()
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+@dataclass
+class LeaderboardResult:
+    """What ``metabench leaderboard`` wrote and what it skipped."""
+
+    paths: list[Path]
+    tables: list[BenchmarkTable]
+    problems: list[str]
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.problems else 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    from metabench.datasets.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def make_leaderboard(records_dir: str | Path = "results/records", out_dir: str | Path = "results",
+                     paper_results: str | Path = PAPER_RESULTS) -> LeaderboardResult:
+    """Read every record, write ``LEADERBOARD.md``, ``leaderboard.csv`` and ``leaderboard.html``.
+
+    Bad files are skipped (listed in ``problems`` and on the page); raises :class:`LeaderboardError` when
+    no record is usable at all.
+    """
+    from metabench.leaderboard_html import render_html
+
+    loaded = load_records(records_dir)
+    if not loaded.records:
+        detail = f" ({len(loaded.problems)} file(s) skipped)" if loaded.problems else ""
+        raise LeaderboardError(f"no usable run records in {records_dir}{detail}")
+    tables = build_tables(loaded.records, load_paper_results(paper_results))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "LEADERBOARD.md", out / "leaderboard.csv", out / "leaderboard.html"]
+    _write_text(paths[0], render_markdown(tables, loaded.problems))
+    _write_text(paths[1], render_csv(tables))
+    _write_text(paths[2], render_html(tables, loaded.problems))
+    return LeaderboardResult(paths=paths, tables=tables, problems=loaded.problems)

@@ -1,0 +1,301 @@
+"""The "batched" engine against the "sequential" reference: float64 parity (<= 1e-10) for every inner-loop
+feature, an fp32 check on a real protocol shape (<= 1e-4 on the meta-gradient), and the fallback for
+backbones without a batched forward."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metabench.models.backbones import Conv4
+from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choose_engine, default_engine,
+                                         engine_candidates, functional_loss, meta_backward,
+                                         meta_loss, non_transductive_outputs, supports_batched, task_outputs)
+
+DT = torch.float64
+T, WAYS = 3, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(a: list[Tensor] | Tensor, b: list[Tensor] | Tensor) -> float:
+    a = a.detach() if isinstance(a, Tensor) else [t.detach() for t in a]
+    b = b.detach() if isinstance(b, Tensor) else [t.detach() for t in b]
+    a = torch.cat([t.reshape(-1) for t in a]) if isinstance(a, (list, tuple)) else a
+    b = torch.cat([t.reshape(-1) for t in b]) if isinstance(b, (list, tuple)) else b
+    return float((a - b).norm() / b.norm())
+
+
+def make_conv4(pool: bool, global_pool: bool, dtype=DT, hidden: int = 6) -> tuple[nn.Module, Params]:
+    size = 21 if pool else 28  # 21 -> 10 -> 5 -> 2 -> 1 with pooling: odd sizes exercise floor pooling
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Conv4(2 if pool else 1, WAYS, size, hidden=hidden, pool=pool, global_pool=global_pool).to(dtype)
+        with torch.no_grad():  # non-trivial batch-norm affine parameters
+            for name, p in model.named_parameters():
+                if "features" in name and p.ndim == 1:
+                    p.add_(0.2 * torch.randn_like(p))
+    return model, dict(model.named_parameters())
+
+
+def data(model: Conv4, n: int, m: int, steps: int | None = None, dtype=DT, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    channels = model.features[0][0].in_channels
+    size = 21 if isinstance(model.features[0][-1], nn.MaxPool2d) else 28
+    lead = (T,) if steps is None else (T, steps)
+    sx = torch.rand(*lead, n, channels, size, size, generator=gen, dtype=dtype)
+    sy = torch.randint(0, WAYS, (*lead, n), generator=gen)
+    qx = torch.rand(T, m, channels, size, size, generator=gen, dtype=dtype)
+    qy = torch.randint(0, WAYS, (T, m), generator=gen)
+    return sx, sy, qx, qy
+
+
+ARCHS = [(False, False), (False, True), (True, False)]  # Omniglot flatten, Omniglot global pool, mini-ImageNet
+
+
+@pytest.mark.parametrize("pool,global_pool", ARCHS)
+@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
+def test_meta_gradient_parity_float64(pool: bool, global_pool: bool, steps: int, first_order: bool) -> None:
+    model, params = make_conv4(pool, global_pool)
+    sx, sy, qx, qy = data(model, 5, 4)
+    config = InnerConfig(steps=steps, lr=0.3, first_order=first_order)
+    results = {}
+    for engine in ("sequential", "batched"):
+        loss, outputs = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)
+        results[engine] = (loss, outputs, torch.autograd.grad(loss, list(params.values())))
+    (l_ref, o_ref, g_ref), (l_b, o_b, g_b) = results["sequential"], results["batched"]
+    assert abs(float(l_b.detach() - l_ref.detach())) <= 1e-12 * abs(float(l_ref.detach()))
+    assert rel_err(o_b, o_ref) <= 1e-10
+    assert rel_err(list(g_b), list(g_ref)) <= 1e-10
+    scale = torch.cat([g.reshape(-1) for g in g_ref]).norm()
+    for a, b in zip(g_b, g_ref):  # each parameter too (conv biases before batch norm have ~0 gradients)
+        assert (a - b).norm() <= 1e-10 * max(float(b.norm()), float(scale))
+
+
+def test_second_order_differs_from_first_order() -> None:
+    """Guard against the batched engine silently detaching: MAML and FOMAML meta-gradients must differ."""
+    model, params = make_conv4(False, False)
+    sx, sy, qx, qy = data(model, 5, 4)
+    grads = []
+    for first_order in (False, True):
+        loss, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy,
+                            InnerConfig(steps=1, lr=0.3, first_order=first_order), "batched")
+        grads.append(torch.autograd.grad(loss, list(params.values())))
+    assert rel_err(list(grads[0]), list(grads[1])) > 1e-3
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_reptile_adam_per_step_minibatches_parity_float64(first_order: bool) -> None:
+    model, params = make_conv4(False, True)
+    steps = 3
+    sx, sy, _, _ = data(model, 4, 1, steps=steps)
+    config = InnerConfig(steps=steps, lr=0.01, first_order=first_order, optimizer="adam", per_step_batches=True)
+    task_loss = functional_loss(model, F.cross_entropy)
+    ref = adapt_tasks(params, task_loss, sx, sy, config, "sequential")
+    ours = adapt_tasks(params, task_loss, sx, sy, config, "batched")
+    # A conv bias right before batch norm has a mathematically zero gradient; Adam normalises its rounding
+    # noise (~1e-16 / eps), so those entries only have to stay put in both engines.
+    null = [k for k in params if k.startswith("features.") and k.endswith(".0.bias")]
+    for name in params:
+        assert ours[name].shape == (T, *params[name].shape)
+        if name in null:
+            for adapted in (ours, ref):
+                assert (adapted[name] - params[name]).abs().max() <= 1e-6
+        else:
+            assert rel_err(ours[name], ref[name]) <= 1e-10, name
+    # and the outer gradient through the adapted parameters (second-order Adam when not first_order)
+    gen = torch.Generator().manual_seed(3)
+    probe = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in ref.items() if k not in null}
+    g_ref = torch.autograd.grad(sum((ref[k] * probe[k]).sum() for k in probe), list(params.values()),
+                                allow_unused=True, materialize_grads=True)
+    g_ours = torch.autograd.grad(sum((ours[k] * probe[k]).sum() for k in probe), list(params.values()),
+                                 allow_unused=True, materialize_grads=True)
+    keep = [i for i, k in enumerate(params) if k not in null]
+    assert rel_err([g_ours[i] for i in keep], [g_ref[i] for i in keep]) <= 1e-10
+
+
+@pytest.mark.parametrize("pool,global_pool", ARCHS)
+def test_evaluation_outputs_parity_float64(pool: bool, global_pool: bool) -> None:
+    model, params = make_conv4(pool, global_pool)
+    sx, sy, qx, _ = data(model, 5, 3)
+    detached = {k: v.detach() for k, v in params.items()}
+    task_loss = functional_loss(model, F.cross_entropy)
+    config = InnerConfig(steps=2, lr=0.3, first_order=True)
+    adapted = {k: v.detach() for k, v in adapt_tasks(detached, task_loss, sx, sy, config, "sequential").items()}
+    adapted_b = adapt_tasks(detached, task_loss, sx, sy, config, "batched")
+    for k in adapted:
+        assert rel_err(adapted_b[k], adapted[k]) <= 1e-10
+    with torch.no_grad():
+        for fn, args in ((task_outputs, (qx,)), (non_transductive_outputs, (sx, qx))):
+            ref = fn(model, adapted, *args, engine="sequential")
+            ours = fn(model, adapted, *args, engine="batched")
+            assert ours.shape == ref.shape == (T, qx.shape[1], WAYS)
+            assert rel_err(ours, ref) <= 1e-10, fn.__name__
+
+
+def test_zero_steps_returns_stacked_copies() -> None:
+    model, params = make_conv4(False, False)
+    sx, sy, _, _ = data(model, 5, 1)
+    out = adapt_tasks(params, functional_loss(model, F.cross_entropy), sx, sy, InnerConfig(steps=0, lr=0.1), "batched")
+    for k, p in params.items():
+        assert out[k].shape == (T, *p.shape) and out[k].is_contiguous()
+        assert torch.equal(out[k][1], p.detach())
+
+
+def test_fp32_parity_on_omniglot_protocol_shape() -> None:
+    """Real Omniglot 5w1s MAML shape (64 filters, global pool, scaled inner loss 5x, step 0.4), fp32, 4 tasks."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Conv4(1, 5, 28, hidden=64, global_pool=True)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    sx, qx = torch.rand(4, 5, 1, 28, 28, generator=gen), torch.rand(4, 5, 1, 28, 28, generator=gen)
+    sy = qy = torch.arange(5).repeat(4, 1)
+    loss_fn = lambda out, y: F.cross_entropy(out, y) * 5.0  # noqa: E731 - the preset's inner_loss_scale
+    config = InnerConfig(steps=1, lr=0.4)
+    grads = {}
+    for engine in ("sequential", "batched"):
+        loss, _ = meta_loss(model, params, loss_fn, sx, sy, qx, qy, config, engine)
+        grads[engine] = torch.autograd.grad(loss, list(params.values()))
+    assert rel_err(list(grads["batched"]), list(grads["sequential"])) <= 1e-4
+
+
+class _NoBatched(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3, dtype=DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def test_backbone_without_batched_forward_falls_back_to_sequential() -> None:
+    model = _NoBatched()
+    assert not supports_batched(model) and supports_batched(Conv4(1, 5, 28, hidden=2))
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    xs, xq = torch.randn(T, 6, 4, generator=gen, dtype=DT), torch.randn(T, 2, 4, generator=gen, dtype=DT)
+    ys, yq = torch.randint(0, 3, (T, 6), generator=gen), torch.randint(0, 3, (T, 2), generator=gen)
+    config = InnerConfig(steps=2, lr=0.1)
+    ref, _ = meta_loss(model, params, F.cross_entropy, xs, ys, xq, yq, config, "sequential")
+    ours, _ = meta_loss(model, params, F.cross_entropy, xs, ys, xq, yq, config, "batched")
+    assert torch.equal(ours, ref)
+    with torch.no_grad():
+        adapted = adapt_tasks(params, functional_loss(model, F.cross_entropy), xs, ys, config, "batched")
+        assert non_transductive_outputs(model, adapted, xs, xq, "batched").shape == (T, 2, 3)
+    # a plain closure (not made by functional_loss) also falls back
+    closure = lambda p, x, y: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
+    a = adapt_tasks(params, closure, xs, ys, config, "batched")
+    b = adapt_tasks(params, closure, xs, ys, config, "sequential")
+    assert all(torch.equal(a[k], b[k]) for k in params)
+
+
+def test_default_engine_is_a_known_engine() -> None:
+    assert default_engine("cpu") in ("batched", "sequential", "vmap")
+    assert default_engine(torch.device("cuda", 0)) in ("batched", "sequential", "vmap")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("engine", ["batched", "vmap"])
+def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
+    """float64 second-order meta-gradient on CUDA (<= 1e-10 vs the CPU sequential reference)."""
+    model, params = make_conv4(False, True)
+    sx, sy, qx, qy = data(model, 5, 4)
+    config = InnerConfig(steps=2, lr=0.3)
+    loss, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, "sequential")
+    ref = torch.autograd.grad(loss, list(params.values()))
+    model.cuda()
+    cuda_params = dict(model.named_parameters())
+    loss, _ = meta_loss(model, cuda_params, F.cross_entropy, sx.cuda(), sy.cuda(), qx.cuda(), qy.cuda(), config, engine)
+    ours = [g.cpu() for g in torch.autograd.grad(loss, list(cuda_params.values()))]
+    assert rel_err(ours, list(ref)) <= 1e-10
+
+
+def test_engine_candidates_per_device() -> None:
+    model, _ = make_conv4(False, True)
+    assert engine_candidates("cpu", model) == ("batched", "sequential")
+    assert engine_candidates("cuda", model) == ("vmap", "batched")
+    assert engine_candidates("cpu", nn.Linear(2, 2)) == ("sequential",)  # no batched_forward
+
+
+def test_choose_engine_keeps_the_fastest_and_only_calls_run() -> None:
+    cost = {"batched": 0.03, "sequential": 0.0, "vmap": 0.06}
+    calls: list[str] = []
+
+    def run(engine: str) -> None:
+        calls.append(engine)
+        time.sleep(cost[engine])
+
+    engine, seconds = choose_engine(run, ("batched", "sequential", "vmap"), "cpu", repeats=2)
+    assert engine == "sequential"
+    assert calls == ["batched"] * 2 + ["sequential"] * 2 + ["vmap"] * 2
+    assert seconds["batched"] >= 0.03 and seconds["vmap"] >= 0.06 and seconds["sequential"] < 0.03
+    assert choose_engine(run, ("vmap",), "cpu") == ("vmap", {})  # one candidate: nothing is run
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="unknown engine"):
+        choose_engine(run, ("fast", "sequential"), "cpu")
+    with pytest.raises(ValueError, match="at least one"):
+        choose_engine(run, (), "cpu")
+
+
+def test_choose_engine_on_a_real_meta_gradient_has_no_side_effects() -> None:
+    model, params = make_conv4(False, True, dtype=torch.float32)
+    sx, sy, qx, qy = data(model, 5, 5, dtype=torch.float32)
+    config = InnerConfig(1, 0.4)
+    before = {k: v.detach().clone() for k, v in params.items()}
+
+    def run(engine: str) -> None:  # what MetaLearner's "auto" probe does: meta-gradient, discarded
+        loss, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)
+        torch.autograd.grad(loss, list(params.values()))
+
+    engine, seconds = choose_engine(run, engine_candidates("cpu", model), "cpu")
+    assert engine in ("batched", "sequential") and set(seconds) == {"batched", "sequential"}
+    assert all(p.grad is None for p in params.values())
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+
+
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_chunked_meta_backward_equals_unchunked_float64(engine: str, first_order: bool) -> None:
+    model, params = make_conv4(False, True)
+    sx, sy, qx, qy = data(model, 5, 4)
+    config = InnerConfig(steps=2, lr=0.3, first_order=first_order)
+    loss, out = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)
+    ref = torch.autograd.grad(loss, list(params.values()))
+    for chunk in (1, 2, None):  # T = 3: uneven chunks (2 + 1) weigh by their size
+        model.zero_grad(set_to_none=True)
+        chunked, chunked_out = meta_backward(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine, chunk)
+        assert not chunked.requires_grad
+        assert abs(float(chunked) - float(loss)) <= 1e-12
+        assert torch.allclose(chunked_out, out.detach(), rtol=0, atol=1e-12)
+        assert rel_err([p.grad for p in params.values()], list(ref)) <= 1e-10
+    with pytest.raises(ValueError, match="task_chunk"):
+        meta_backward(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine, 0)
+
+
+def test_batched_engine_adapting_a_subset_runs_sequentially_with_the_same_gradients() -> None:
+    """``algorithm.adapt`` (e.g. the head only) hands the inner loop a subset of the parameters; the batched
+    forward needs all of them, so the engine falls back to the loop, and MAML's gradient still reaches the
+    frozen ones through the query loss."""
+    model, _ = make_conv4(pool=False, global_pool=False)
+    sx, sy, qx, qy = data(model, 5, 10)
+    grads = {}
+    for engine in ("sequential", "batched"):
+        model.zero_grad()
+        head = {k: p for k, p in model.named_parameters() if k.startswith("head.")}
+        assert not supports_batched(model, head) and supports_batched(model, dict(model.named_parameters()))
+        loss, _ = meta_loss(model, head, F.cross_entropy, sx, sy, qx, qy, InnerConfig(2, 0.4), engine)
+        loss.backward()
+        grads[engine] = [p.grad.clone() for p in model.parameters()]
+    assert rel_err(grads["batched"], grads["sequential"]) <= 1e-10
+    assert grads["batched"][0].abs().sum() > 0  # the first conv (not adapted) is still meta-trained

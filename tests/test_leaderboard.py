@@ -1,0 +1,322 @@
+"""The leaderboard: statistics against closed forms, paper numbers, golden Markdown/CSV, bad input, W&B.
+
+Fixture records are built here (``fixture_records``): an Omniglot 5w1s transductive table with a two-seed
+MAML row (aggregation), a FOMAML row tied with it, a clearly worse Reptile row, a Reptile run on other test
+episodes (digest mismatch) and paper-only rows; a non-transductive Reptile table; and a 10-episode
+segmentation table (bootstrap path, extra metrics, curves). Set ``METABENCH_UPDATE_GOLDEN=1`` to rewrite
+the golden files after an intended change, and read the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metabench import cli
+from metabench.leaderboard import (
+    BELOW, NO_PAPER, OVERLAP, REPRODUCED, PaperResult, aggregate_runs, build_tables, load_paper_results,
+    make_leaderboard, paired_test, verdict,
+)
+from metabench.models.problems import mean_ci95
+from metabench.records import SCHEMA_VERSION, Record, write_record
+
+GOLDEN = Path(__file__).parent / "golden"
+DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
+
+
+def make_record(run_id: str, algorithm: str, scores: list[float], *, benchmark: str = "omniglot-5w1s",
+                seed: int = 0, digest: str = DIGEST_A, bn_mode: str = "transductive", preset: str = "paper",
+                metric: str = "accuracy", metrics: dict[str, float] | None = None,
+                curve: list[list[float]] | None = None, steps: int = 1000, train_seconds: float = 60.0) -> Record:
+    """A valid record with hand-chosen scores (mean and CI computed as the runner does)."""
+    mean, ci = mean_ci95(scores)
+    config = {"benchmark": benchmark, "preset": preset, "algorithm": {"name": algorithm, "bn_mode": bn_mode},
+              "model": {"backbone": "conv4-omniglot"}, "trainer": {"seed": seed}}
+    return Record(run_id=run_id, benchmark=benchmark, algorithm=algorithm, preset=preset, config=config, seed=seed,
+                  episode_digest=digest, num_episodes=len(scores), metric=metric, scores=scores, mean=mean, ci95=ci,
+                  training_steps=steps, train_seconds=train_seconds, eval_seconds=4.0 + seed, tasks_per_second=150.0,
+                  device="NVIDIA H100 80GB HBM3", versions={"metabench": "0.1.0"}, git_commit="0" * 40,
+                  created="2026-01-01T00:00:00+00:00", metrics=metrics or {}, curve=curve or [])
+
+
+def _pattern(base: float, n: int, step: float, period: int, offset: int = 0) -> list[float]:
+    """Deterministic, varied per-episode scores: base + step * ((i + offset) % period)."""
+    return [base + step * ((i + offset) % period) for i in range(n)]
+
+
+def fixture_records() -> list[Record]:
+    n = 40
+    maml0 = _pattern(0.96, n, 0.01, 5)  # mean 0.98
+    maml1 = _pattern(0.965, n, 0.01, 5, offset=2)  # mean 0.985
+    # FOMAML: MAML's run-averaged scores minus a small, noisy difference -> not significantly worse.
+    avg = [(a + b) / 2 for a, b in zip(maml0, maml1)]
+    fomaml = [x + (0.02 if i % 2 else -0.03) for i, x in enumerate(avg)]  # mean difference 0.005, sd 0.025
+    reptile = [x - 0.03 - 0.005 * (i % 3) for i, x in enumerate(avg)]  # clearly worse everywhere
+    curve = [[100.0, 30.0, 0.70], [500.0, 150.0, 0.90], [1000.0, 300.0, 0.95]]
+    seg_a = _pattern(0.40, 10, 0.02, 4)
+    seg_b = [x - 0.05 for x in seg_a]
+    return [
+        make_record("r-maml-0", "maml", maml0, seed=0, curve=curve),
+        make_record("r-maml-1", "maml", maml1, seed=1, curve=[[100.0, 35.0, 0.72], [1000.0, 320.0, 0.96]]),
+        make_record("r-fomaml-0", "fomaml", fomaml, train_seconds=30.0),
+        make_record("r-reptile-0", "reptile", reptile, train_seconds=20.0),
+        make_record("r-reptile-b", "reptile", _pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5),
+        make_record("r-reptile-nt", "reptile", _pattern(0.95, n, 0.01, 4), bn_mode="non-transductive"),
+        make_record("r-seg-transfer", "transfer", seg_a, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
+                    metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default"),
+        make_record("r-seg-maml", "maml", seg_b, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
+                    metrics={"miou": 0.50}, preset="default"),
+    ]
+
+
+def write_fixture(records_dir: Path) -> list[Path]:
+    return [write_record(r, records_dir) for r in fixture_records()]
+
+
+# -- statistics against closed forms ---------------------------------------------------------------------------
+
+def test_aggregate_runs_matches_closed_form() -> None:
+    run1, run2 = [0.5, 0.7, 0.9], [0.7, 0.7, 0.8]
+    mean, ci, per_episode = aggregate_runs([run1, run2])
+    # x = [0.6, 0.7, 0.85]: s_x^2 = 19/1200; run means 0.7 and 11/15: s_m^2 = 1/1800.
+    # CI = 1.96 * sqrt(19/1200 / 3 + 1/1800 / 2) = 1.96 * sqrt(20/3600) = 1.96 / sqrt(180).
+    assert per_episode == pytest.approx([0.6, 0.7, 0.85], abs=1e-15)
+    assert mean == pytest.approx(43 / 60, abs=1e-15)
+    assert ci == pytest.approx(1.96 / math.sqrt(180), rel=1e-12)
+    # One run: exactly the record's own mean and 1.96 s / sqrt(n).
+    one = aggregate_runs([run1])
+    assert one[:2] == pytest.approx(mean_ci95(run1), rel=1e-12) and one[2] == run1
+    # Identical runs add no seed variance.
+    assert aggregate_runs([run1, run1])[1] == pytest.approx(mean_ci95(run1)[1], rel=1e-12)
+    with pytest.raises(ValueError, match="same"):
+        aggregate_runs([run1, run1[:2]])
+
+
+def _offset_pair(t_stat: float, n: int = 100, spread: float = 0.1) -> tuple[list[float], list[float]]:
+    """Scores whose differences are mu +- spread (alternating): sample sd = spread * sqrt(n / (n - 1)),
+    so the paired t statistic is mu * sqrt(n - 1) / spread; mu is chosen to give ``t_stat``."""
+    mu = t_stat * spread / math.sqrt(n - 1)
+    b = [0.5 + 0.001 * (i % 7) for i in range(n)]
+    a = [x + mu + (spread if i % 2 else -spread) for i, x in enumerate(b)]
+    return a, b
+
+
+@pytest.mark.parametrize("t_stat, p_expected, tied", [(1.5, 0.133614, True), (1.9, 0.057433, True),
+                                                      (2.0, 0.045500, False), (2.5, 0.012419, False)])
+def test_paired_t_test_known_answers(t_stat: float, p_expected: float, tied: bool) -> None:
+    a, b = _offset_pair(t_stat)
+    result = paired_test(a, b)
+    assert result.method == "t" and result.tied is tied
+    assert result.p_value == pytest.approx(p_expected, abs=2e-6)  # 2 * (1 - Phi(t)), tabulated
+    assert paired_test(b, a).p_value == pytest.approx(p_expected, abs=2e-6)  # two-sided
+
+
+def test_paired_test_degenerate_and_bootstrap() -> None:
+    same = [0.1 * (i % 4) for i in range(50)]
+    assert paired_test(same, same).tied and paired_test(same, same).p_value == 1.0
+    shifted = [x - 0.01 for x in same]
+    assert not paired_test(same, shifted).tied  # a constant difference: no noise, certainly different
+    # n < 30: the paired bootstrap. Differences all positive -> not tied; symmetric around 0 -> tied.
+    small = [0.5 + 0.01 * i for i in range(10)]
+    worse = [x - 0.02 - 0.005 * (i % 3) for i, x in enumerate(small)]
+    result = paired_test(small, worse)
+    assert result.method == "bootstrap" and not result.tied
+    low, high = result.interval
+    assert 0.02 <= low < high <= 0.03
+    noisy = [x + (0.03 if i % 2 else -0.03) for i, x in enumerate(small)]
+    assert paired_test(small, noisy).tied
+    assert paired_test(small, noisy) == paired_test(small, noisy)  # deterministic
+
+
+def test_verdict_rules() -> None:
+    paper = PaperResult("b", "maml", "transductive", 98.7, 0.4, "Finn et al. 2017", "1703.03400", "Table 1", "MAML")
+    assert verdict(99.5, 0.2, paper) == REPRODUCED  # above
+    assert verdict(98.3, 0.2, paper) == REPRODUCED  # at the lower end of the paper's CI
+    assert verdict(98.0, 0.35, paper) == OVERLAP  # 98.35 >= 98.3
+    assert verdict(98.0, 0.2, paper) == BELOW
+    assert verdict(50.0, 1.0, None) == NO_PAPER
+    no_ci = PaperResult("b", "maml++", "transductive", 99.47, None, "x", "1", "T", "r")
+    assert verdict(99.47, 0.1, no_ci) == REPRODUCED and verdict(99.3, 0.1, no_ci) == BELOW
+
+
+# -- paper numbers ------------------------------------------------------------------------------------------
+
+def test_paper_numbers_as_published() -> None:
+    papers = {(p.benchmark, p.algorithm, p.protocol): p for p in load_paper_results()}
+    expected = {  # (benchmark, algorithm, protocol): (mean, ci95, arXiv id, table)
+        ("omniglot-5w1s", "maml", "transductive"): (98.7, 0.4, "1703.03400", "Table 1"),
+        ("omniglot-20w5s", "maml", "transductive"): (98.9, 0.2, "1703.03400", "Table 1"),
+        ("mini-imagenet-5w1s", "maml", "transductive"): (48.70, 1.84, "1703.03400", "Table 1"),
+        ("mini-imagenet-5w5s", "fomaml", "transductive"): (63.15, 0.91, "1703.03400", "Table 1"),
+        ("omniglot-20w1s", "fomaml", "transductive"): (89.4, 0.5, "1803.02999v3", "Table 2"),
+        ("omniglot-5w1s", "reptile", "non-transductive"): (95.39, 0.09, "1803.02999v3", "Table 2"),
+        ("omniglot-20w5s", "reptile", "transductive"): (97.12, 0.32, "1803.02999v3", "Table 2"),
+        ("mini-imagenet-5w1s", "reptile", "non-transductive"): (47.07, 0.26, "1803.02999v3", "Table 1"),
+        ("mini-imagenet-5w5s", "reptile", "transductive"): (65.99, 0.58, "1803.02999v3", "Table 1"),
+        ("omniglot-5w1s", "maml++", "transductive"): (99.47, None, "1810.09502", "Table 1"),
+        ("mini-imagenet-5w5s", "maml++", "transductive"): (68.32, 0.44, "1810.09502", "Table 2"),
+        ("omniglot-20w1s", "anil", "transductive"): (96.2, 0.5, "1909.09157", "Table 2"),
+        ("mini-imagenet-5w1s", "meta-sgd", "transductive"): (50.47, 1.87, "1707.09835", "Table 1"),
+        ("omniglot-20w1s", "meta-sgd", "transductive"): (95.93, 0.38, "1707.09835", "Table 1"),
+    }
+    for key, (mean, ci, arxiv, table) in expected.items():
+        p = papers[key]
+        assert (p.mean, p.ci95, p.arxiv, p.table) == (mean, ci, arxiv, table), key
+    # Every benchmark x {MAML, FOMAML, Reptile} the issue asks for has at least one published number.
+    for bench in ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "mini-imagenet-5w1s",
+                  "mini-imagenet-5w5s"):
+        for algorithm in ("maml", "fomaml", "reptile"):
+            assert any(k[0] == bench and k[1] == algorithm for k in papers), (bench, algorithm)
+
+
+# -- golden files and table logic ---------------------------------------------------------------------------
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("METABENCH_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing: run with METABENCH_UPDATE_GOLDEN=1 once"
+    assert text == path.read_text(), f"{name} differs from {path} (METABENCH_UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_golden_outputs(tmp_path: Path) -> None:
+    write_fixture(tmp_path / "records")
+    result = make_leaderboard(tmp_path / "records", tmp_path / "out")
+    assert result.problems == [] and result.exit_status == 0
+    md, csv_text, html = (p.read_text() for p in result.paths)
+    _golden("leaderboard.md", md)
+    _golden("leaderboard.csv", csv_text)
+
+    # Same records (written again elsewhere) -> byte-identical files; no temp path leaks into them.
+    write_fixture(tmp_path / "again")
+    again = make_leaderboard(tmp_path / "again", tmp_path / "out2")
+    for first, second in zip(result.paths, again.paths):
+        assert first.read_bytes() == second.read_bytes()
+    for text in (md, csv_text, html):
+        assert str(tmp_path) not in text
+
+    # HTML sanity: self-contained (nothing fetched), one table per section, every row present.
+    assert "<script src" not in html and "<link" not in html and "src=" not in html and "@import" not in html
+    assert html.count('<table class="lb"') == 4  # 3 benchmark tables + one "not comparable" table
+    assert html.count("<svg") == 3 + 1  # a bar chart per table, one curve chart (omniglot transductive)
+    assert "polyline" in html and "not comparable" in html
+
+
+def test_table_logic_on_fixture() -> None:
+    papers = load_paper_results()
+    tables = {(t.benchmark, t.protocol): t for t in build_tables([(f"{r.run_id}.json", r)
+                                                                  for r in fixture_records()], papers)}
+    assert sorted(tables) == [("fss-1w5s", "transductive"), ("omniglot-5w1s", "non-transductive"),
+                              ("omniglot-5w1s", "transductive")]
+    omni = tables[("omniglot-5w1s", "transductive")]
+    assert omni.reference_digest == DIGEST_A  # 4 records against 1
+    assert [r.algorithm for r in omni.rows] == ["maml", "fomaml", "reptile"]
+    maml, fomaml, reptile = omni.rows
+    assert maml.best and maml.tied and maml.seeds == [0, 1] and maml.runs == 2
+    assert maml.mean == pytest.approx(0.9825, abs=1e-12)
+    assert fomaml.tied and not fomaml.best and fomaml.test.p_value > 0.05
+    assert not reptile.tied and reptile.test.p_value < 1e-6
+    assert [r.digest for r in omni.other_rows] == [DIGEST_B]  # shown, never ranked
+    assert omni.other_rows[0].test is None and not omni.other_rows[0].tied
+    # MAML 98.25 vs 98.7 ± 0.4; FOMAML 97.75 vs 98.3 ± 0.5; Reptile 95.04 vs 97.68 ± 0.04.
+    assert (maml.verdict, fomaml.verdict, reptile.verdict) == (OVERLAP, OVERLAP, BELOW)
+    assert maml.delta == pytest.approx(98.25 - 98.7, abs=1e-9)
+    assert [r.algorithm for r in omni.paper_rows] == ["meta-sgd", "maml++"]  # by published mean
+    non_t = tables[("omniglot-5w1s", "non-transductive")]
+    assert non_t.rows[0].paper.mean == 95.39 and non_t.rows[0].verdict == REPRODUCED and non_t.paper_rows == []
+    seg = tables[("fss-1w5s", "transductive")]
+    assert seg.metric == "fg_iou" and seg.extra_metrics == ["fb_iou", "miou"]
+    assert seg.rows[1].test.method == "bootstrap" and not seg.rows[1].tied
+
+
+# -- the command and bad input ----------------------------------------------------------------------------
+
+def _dump(path: Path, data: Any) -> None:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def test_cli_bad_input_is_named_and_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = tmp_path / "records"
+    paths = write_fixture(records)
+    good = json.loads(paths[0].read_text())
+    _dump(records / "aa-broken.json", "{not json")
+    _dump(records / "ab-missing.json", {k: v for k, v in good.items() if k != "scores"})
+    _dump(records / "ac-schema.json", {**good, "run_id": "other", "schema_version": SCHEMA_VERSION + 1})
+    _dump(records / "ad-no-bn-mode.json", {**good, "run_id": "third", "config": {"model": {"backbone": "x"}}})
+    _dump(records / "zz-duplicate.json", good)  # same run id as the fixture's first record, later in path order
+    out = tmp_path / "out"
+    status = cli.main(["leaderboard", "--records", str(records), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 1
+    lines = [line for line in captured.err.splitlines() if line.startswith("metabench: skipped")]
+    assert len(lines) == 5
+    expect = {"aa-broken.json": "not readable as JSON", "ab-missing.json": "missing field(s) scores",
+              "ac-schema.json": "schema version", "ad-no-bn-mode.json": "config has no algorithm.bn_mode",
+              "zz-duplicate.json": f"already claimed by {paths[0].name}"}
+    for name, words in expect.items():
+        (line,) = [line for line in lines if f" {name}:" in line]
+        assert words in line, line
+    # The rest of the leaderboard is still produced, identical to the clean one apart from the skip list.
+    md = (out / "LEADERBOARD.md").read_text()
+    assert "## Skipped record files" in md and "zz-duplicate.json" in md
+    assert (out / "leaderboard.csv").read_text() == (GOLDEN / "leaderboard.csv").read_text()
+    assert (out / "leaderboard.html").is_file()
+
+
+def test_cli_no_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["leaderboard", "--records", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no usable run records" in capsys.readouterr().err
+    assert cli.main(["leaderboard", "--records", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_clean_run_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_fixture(tmp_path / "records")
+    assert cli.main(["leaderboard", "--records", str(tmp_path / "records"), "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "o" / n) for n in
+                                               ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html")]
+
+
+# -- W&B, offline ---------------------------------------------------------------------------------------------
+
+def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:
+    from tests.test_wandb import _assert_no_network_tried, _close_wandb, _items, _of_type, read_transaction_log
+
+    from metabench.leaderboard import CSV_COLUMNS
+    from metabench.wandb_logging import log_leaderboard
+
+    write_fixture(tmp_path / "records")
+    result = make_leaderboard(tmp_path / "records", tmp_path / "out")
+    run_dir = Path(log_leaderboard(result.tables, result.paths[2], save_dir=tmp_path / "wb"))
+    _close_wandb()
+    (log,) = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = read_transaction_log(log)
+    (run_info,) = _of_type(records, "run")
+    assert run_info.job_type == "leaderboard" and run_info.project == "metabench"
+
+    # The table: a history entry pointing at the table file wandb wrote, with every CSV row in it.
+    (row,) = [_items(h.item) for h in _of_type(records, "history")]
+    assert row["leaderboard/_type"] == "table-file"
+    assert row["leaderboard/nrows"] == len(result.paths[1].read_text().splitlines()) - 1
+    table = json.loads((run_dir / row["leaderboard/path"]).read_text())
+    assert table["columns"] == CSV_COLUMNS
+    ranked = [r[4] for r in table["data"] if r[:2] == ["omniglot-5w1s", "transductive"] and r[3] == "ranked"]
+    assert ranked == ["maml", "fomaml", "reptile"]
+
+    # The page as an artifact of type "leaderboard", byte for byte.
+    (artifact,) = [a for a in _of_type(records, "artifact") if a.type == "leaderboard"]
+    assert artifact.name == "leaderboard-html"
+    (entry,) = artifact.manifest.contents
+    assert entry.path == "leaderboard.html" and entry.size == result.paths[2].stat().st_size
+    assert Path(entry.local_path).read_bytes() == result.paths[2].read_bytes()
+    _assert_no_network_tried(offline_env, tmp_path)
+
+
+from tests.test_wandb import offline_env  # noqa: E402,F401  (the fixture, shared with the W&B tests)
