@@ -221,7 +221,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     record = Record(
         run_id=f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
-        config=config.to_dict(), seed=config.trainer.seed, episode_digest=datamodule.digest("test"),
+        config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings}},
+        seed=config.trainer.seed, episode_digest=datamodule.digest("test"),
         num_episodes=len(scores), metric=module.problem.metric_name, scores=scores, mean=mean, ci95=ci,
         training_steps=int(module.global_step), train_seconds=train_seconds, eval_seconds=eval_seconds,
         tasks_per_second=module.global_step * config.algorithm.meta_batch / max(train_seconds, 1e-9),

@@ -91,6 +91,16 @@ class MetaLearner(L.LightningModule):
                                                          self.device)
         return self.engine
 
+    # "auto" is timed once per run: a resumed run keeps the engine its first step chose (the engines agree only
+    # up to float rounding, so switching mid-run would make a resumed run differ from an uninterrupted one).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["metabench_engine"] = {"engine": self.engine, "timings": dict(self.engine_timings)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("metabench_engine", {})
+        if self.config.engine == "auto" and saved.get("engine", "auto") != "auto":
+            self.engine, self.engine_timings = saved["engine"], dict(saved.get("timings", {}))
+
     def inner_config(self, training: bool) -> InnerConfig:
         cfg = self.config
         if training:

@@ -102,6 +102,13 @@ def test_auto_engine_times_candidates_on_the_first_step(algorithm: str, extra: l
     assert set(module.engine_timings) == {"batched", "sequential"}
     assert module.engine == min(module.engine_timings, key=module.engine_timings.get)
 
+    # A resumed run keeps that choice instead of timing again (engines agree only up to float rounding).
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = build_module(config, dm)
+    resumed.on_load_checkpoint(checkpoint)
+    assert (resumed.engine, resumed.engine_timings) == (module.engine, module.engine_timings)
+
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
 def test_task_chunk_step_equals_unchunked_step(algorithm: str) -> None:
