@@ -186,7 +186,9 @@ def curve_chart(table: BenchmarkTable) -> str:
     for i, r in enumerate(rows):
         color = PALETTE[i % len(PALETTE)]
         name = f"{r.label} · {r.preset}" + ("" if r.digest == table.reference_digest else " (≠ episodes)")
-        out.append(f'<text x="{left + width + 12}" y="{top + 12 + 16 * i}" fill="{color}">■ {escape(name)}</text>')
+        # The swatch is a tspan: the page's CSS colours svg text, which beats a fill attribute on <text>.
+        out.append(f'<text x="{left + width + 12}" y="{top + 12 + 16 * i}"><tspan fill="{color}">■</tspan> '
+                   f'{escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)
 
