@@ -45,6 +45,8 @@ METHODS_TEXT = (
     "- **Comparability**: only rows on the same test episodes (same digest) are compared. Per table the "
     "reference digest is the one with the most records (ties: the smallest digest); rows on any other digest "
     "are listed apart under *different test episodes — not comparable*.\n"
+    "- **Random init** is the same test-time adaptation from each run's own random initialization, on the same "
+    "episodes (mean over runs; recorded by `metabench run`): the gap to it is what meta-training bought.\n"
     f"- **Ranking**: on the reference episodes the best row has the highest mean. Every other row is compared "
     f"with it by a two-sided paired test on the per-episode (run-averaged) score differences at the "
     f"{int(ALPHA * 100)}% level: a t-test with the normal approximation when n ≥ {NORMAL_MIN_N}, otherwise "
@@ -269,6 +271,9 @@ class Row:
     ci95: float = float("nan")  # fraction
     per_episode: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # extra summary metrics, run-averaged
+    # The same test-time adaptation from each run's own random initialization (record.baseline), run-averaged:
+    # what meta-training bought.
+    random_init: float = float("nan")  # fraction
     training_steps: float = float("nan")
     train_seconds: float = float("nan")
     eval_seconds: float = float("nan")
@@ -337,9 +342,13 @@ def _row_from_records(key: tuple[str, str, str, str, str], named: list[tuple[str
     def avg(attr: str) -> float:
         return math.fsum(getattr(r, attr) for r in records) / len(records)
 
+    baselines = [r.baseline["random_init_mean"] for r in records if "random_init_mean" in r.baseline]
+    random_init = math.fsum(baselines) / len(baselines) if baselines else float("nan")
+
     return Row(algorithm=algorithm, backbone=backbone, preset=preset, protocol=protocol, digest=digest,
                files=[f for f, _ in named], seeds=sorted({r.seed for r in records}),
                episodes=records[0].num_episodes, mean=mean, ci95=ci, per_episode=per_episode, metrics=metrics,
+               random_init=random_init,
                training_steps=avg("training_steps"), train_seconds=avg("train_seconds"),
                eval_seconds=avg("eval_seconds"), tasks_per_second=avg("tasks_per_second"),
                devices=sorted({r.device for r in records}), curves=[r.curve for r in records if r.curve],
@@ -434,7 +443,7 @@ def runs_text(row: Row) -> str:
 
 def columns(table: BenchmarkTable) -> list[str]:
     """Column headings shared by the Markdown and HTML tables."""
-    return (["algorithm", "backbone", "preset", f"ours {table.metric} % (95% CI)"]
+    return (["algorithm", "backbone", "preset", f"ours {table.metric} % (95% CI)", "random init %"]
             + [f"{m} %" for m in table.extra_metrics]
             + ["seeds/runs", "episodes", "digest", "paper % (95% CI)", "source", "Δ paper", "verdict",
                "vs best", "steps", "train s", "test s", "tasks/s", "device"])
@@ -443,7 +452,7 @@ def columns(table: BenchmarkTable) -> list[str]:
 def cells(table: BenchmarkTable, row: Row) -> list[str]:
     """One row's cells, in :func:`columns` order (plain text)."""
     ours = not row.paper_only
-    return ([row.label, row.backbone or "—", row.preset or "—", ours_text(row)]
+    return ([row.label, row.backbone or "—", row.preset or "—", ours_text(row), pct(row.random_init)]
             + [pct(row.metrics.get(m)) if ours else "—" for m in table.extra_metrics]
             + [runs_text(row), str(row.episodes) if ours else "—", row.digest[:12] if ours else "—",
                paper_text(row), row.paper.source if row.paper else "—",
@@ -490,7 +499,7 @@ def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = 
 
 
 CSV_COLUMNS = ["benchmark", "protocol", "metric", "section", "algorithm", "backbone", "preset", "mean_pct",
-               "ci95_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest", "best_or_tied",
+               "ci95_pct", "random_init_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest", "best_or_tied",
                "vs_best", "paper_mean_pct", "paper_ci95_pct", "paper_source", "paper_row", "delta_pct", "verdict",
                "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files"]
 
@@ -509,6 +518,7 @@ def render_csv(tables: Sequence[BenchmarkTable]) -> str:
                 writer.writerow([
                     table.benchmark, table.protocol, table.metric, section, row.algorithm, row.backbone, row.preset,
                     pct(row.mean, 4) if ours else "", pct(row.ci95, 4) if ours else "",
+                    pct(row.random_init, 4) if ours and not math.isnan(row.random_init) else "",
                     ";".join(f"{k}={pct(v, 4)}" for k, v in sorted(row.metrics.items())),
                     len(row.seeds) if ours else "", row.runs if ours else "", row.episodes if ours else "",
                     row.digest, ("yes" if row.tied else "no") if section == "ranked" else "",
