@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from metabench.datasets.base import DatasetError
 
 CACHE_FORMAT = 1  # bump when the on-disk layout of prepared caches changes
 
@@ -132,3 +134,22 @@ def _save_array(path: Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def files_manifest(dataset: str, root: Path, files: Sequence[Path], cache: Path) -> Path:
+    """A file in the cache folder listing (path under ``root``, size, mtime_ns) of ``files``: the cache key's
+    stand-in for thousands of loose image files. Hashing tens of thousands of files (or reading their digest
+    memos) on every load would take many seconds, stat-ing them a fraction of one; (size, mtime) is trusted
+    exactly as :func:`file_sha256`'s memo trusts it."""
+    lines = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read file ({exc})") from exc
+        lines.append(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    text = ("\n".join(lines) + "\n").encode()
+    out = cache / "manifests" / f"{dataset}-{hashlib.sha256(text).hexdigest()[:24]}.tsv"
+    if not out.is_file():  # named by its content: an existing file is already right
+        atomic_write_bytes(out, text)
+    return out

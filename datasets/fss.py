@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from metabench.datasets.base import DatasetError, ImageSplit, resolve_cache_dir, resolve_data_root
-from metabench.datasets.cache import Prepared, atomic_write_bytes, load_or_prepare
+from metabench.datasets.cache import Prepared, files_manifest, load_or_prepare
 
 SPLITS = ("train", "val", "test")
 READER_VERSION = 1  # bump when decoding or resampling changes, so prepared caches are rebuilt
@@ -61,23 +61,6 @@ def resize_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[np.nda
     if mask.shape != (size, size):
         mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
     return np.asarray(image).transpose(2, 0, 1), np.ascontiguousarray(mask)
-
-
-def files_manifest(dataset: str, root: Path, files: Sequence[Path], cache: Path) -> Path:
-    """A file in the cache folder listing (path under ``root``, size, mtime_ns) of ``files``: the cache key's
-    stand-in for thousands of loose image files (stat-ing them is fast, hashing them is not)."""
-    lines = []
-    for path in files:
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            raise DatasetError(f"{path}: cannot read file ({exc})") from exc
-        lines.append(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    text = ("\n".join(lines) + "\n").encode()
-    out = cache / "manifests" / f"{dataset}-{hashlib.sha256(text).hexdigest()[:24]}.tsv"
-    if not out.is_file():  # named by its content: an existing file is already right
-        atomic_write_bytes(out, text)
-    return out
 
 
 def decode_workers() -> int:

@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from metabench.datasets.base import DatasetError, ImageSplit, resolve_cache_dir, resolve_data_root
-from metabench.datasets.cache import Prepared, atomic_write_bytes, file_sha256, load_or_prepare
+from metabench.datasets.cache import Prepared, file_sha256, files_manifest, load_or_prepare
 from metabench.datasets.safe_pickle import safe_load
 
 DATASET = "mini-imagenet"
@@ -206,27 +206,6 @@ def _plan_folders(root: Path, split: str) -> _FilePlan:
     if not classes:
         raise DatasetError(f"{split_dir}: holds no class folders")
     return _FilePlan(tuple(classes), tuple(members), ())
-
-
-def _manifest(root: Path, files: list[str], cache: Path) -> Path:
-    """A file listing every image file's (path under ``root``, size, mtime_ns), stored in the cache folder.
-
-    It stands in for the image files in the cache key: hashing 38,400 files (or even reading 38,400 digest
-    memos) on every load would take many seconds, while stat-ing them takes a fraction of one. It trusts
-    (size, mtime) exactly as :func:`metabench.datasets.cache.file_sha256`'s memo does.
-    """
-    lines = []
-    for name in files:
-        try:
-            stat = os.stat(name)
-        except OSError as exc:
-            raise DatasetError(f"{name}: cannot read image file ({exc})") from exc
-        lines.append(f"{Path(name).relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}")
-    text = ("\n".join(lines) + "\n").encode()
-    path = cache / "manifests" / f"{DATASET}-{hashlib.sha256(text).hexdigest()[:24]}.tsv"
-    if not path.is_file():  # named by its content: an existing file is already right
-        atomic_write_bytes(path, text)
-    return path
 
 
 def _zip_entries(zip_file: zipfile.ZipFile, plan: _FilePlan, csv_path: Path) -> list[list[zipfile.ZipInfo]]:
@@ -411,7 +390,9 @@ def prepare_mini_imagenet(split: str, root: str | os.PathLike[str] | None = None
         build = lambda: _build_l2l(path, split)  # noqa: E731
     else:
         plan = _plan_ravi(data_root, split) if layout == "ravi" else _plan_folders(data_root, split)
-        sources = (*plan.sources, *([_manifest(data_root, plan.image_files, cache)] if plan.image_files else []))
+        manifest = ([files_manifest(DATASET, data_root, [Path(f) for f in plan.image_files], cache)]
+                    if plan.image_files else [])
+        sources = (*plan.sources, *manifest)
         build = lambda: _build_files(plan, layout, split, data_root)  # noqa: E731
     return load_or_prepare(f"{DATASET}-{split}", sources, params, build, cache)
 

@@ -40,8 +40,8 @@ import torch
 from PIL import Image
 
 from metabench.datasets.base import DATA_ENV, DatasetError, ImageSplit, resolve_cache_dir, resolve_data_root
-from metabench.datasets.cache import Prepared, load_or_prepare
-from metabench.datasets.fss import check_image_size, decode_workers, files_manifest, resize_pair
+from metabench.datasets.cache import Prepared, files_manifest, load_or_prepare
+from metabench.datasets.fss import check_image_size, decode_workers, resize_pair
 
 DATASET = "pascal-5i"
 SPLITS = ("train", "val", "test")

@@ -20,14 +20,6 @@ DT = torch.float64
 T, WAYS = 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a: list[Tensor] | Tensor, b: list[Tensor] | Tensor) -> float:
     a = a.detach() if isinstance(a, Tensor) else [t.detach() for t in a]
     b = b.detach() if isinstance(b, Tensor) else [t.detach() for t in b]
