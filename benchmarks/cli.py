@@ -95,11 +95,9 @@ def cmd_episodes_preview(args: argparse.Namespace) -> int:
 # -- run ----------------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from metabench.config import resolve
+    from metabench.config import preset_algorithms, resolve
     from metabench.report import print_comparison
     from metabench.runner import run
-
-    from metabench.config import preset_algorithms
 
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     overrides = list(args.set)
@@ -241,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "engine, learn2learn included")
     p.add_argument("--protocol", action="append", help="benchmark name, repeatable; default: omniglot-5w1s, "
                    "omniglot-20w1s, mini-imagenet-5w1s, mini-imagenet-5w5s")
-    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS, help="repeatable; default: maml")
+    p.add_argument("--algorithm", action="append", choices=("maml", "fomaml", "reptile"),
+                   help="repeatable; default: maml")
     p.add_argument("--engine", action="append", choices=("batched", "vmap", "sequential", "learn2learn"),
                    help="repeatable; default: all (vmap on CUDA only; learn2learn when installed)")
     p.add_argument("--iterations", type=int, default=5)
