@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from metabench.config import preset_algorithms, resolve
-from metabench.datasets.base import ImageSplit
 from metabench.runner import build_datamodule, build_module, device_name, pick_device, quiet_lightning
-
-IMAGE_SHAPES = {"omniglot": (1, 28, 28), "synthetic-glyphs": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
+from metabench.speed import IMAGE_SHAPES, random_split
 
 
 class _StepTimer(Callback):
@@ -44,14 +41,6 @@ class _StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self._start)
-
-
-def random_split(shape: tuple[int, int, int], classes: int = 64, per_class: int = 20, seed: int = 0) -> ImageSplit:
-    """Random uint8 images grouped by class: stands in for a dataset when only speed matters."""
-    rng = np.random.default_rng(seed)
-    images = torch.from_numpy(rng.integers(0, 256, (classes * per_class, *shape), dtype=np.uint8))
-    return ImageSplit("random", images, np.arange(classes + 1) * per_class,
-                      tuple(f"c{k}" for k in range(classes)), tuple(f"i{k}" for k in range(classes * per_class)))
 
 
 def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, warmup: int,
