@@ -141,7 +141,7 @@ def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_fi
     for key in ("data", "episodes", "model", "trainer"):
         tree[key] = dict(spec.get(key, {}))
     algo = dict(presets[preset][algorithm])
-    for section in ("trainer", "episodes", "model"):  # an algorithm's preset may refine the fixed part
+    for section in ("trainer", "episodes", "model", "data"):  # an algorithm's preset may refine the fixed part
         _merge(tree[section], algo.pop(section, {}))
     tree["algorithm"] = {"name": algorithm, **algo}
     if config_file is not None:

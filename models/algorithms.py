@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
+from metabench.models.backbones import is_norm
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choose_engine, default_engine,
                                          engine_candidates, functional_loss, meta_backward, meta_loss,
@@ -53,7 +54,7 @@ class MetaLearner(L.LightningModule):
         self.max_steps = max_steps
         self.engine = config.engine  # "auto" until the first training step times the candidates
         self.engine_timings: dict[str, float] = {}  # "auto": seconds of each candidate on the first meta-batch
-        self.adapted_names = adapted_parameter_names(backbone, config.adapt)
+        self.adapted_names = adapted_parameter_names(backbone, config.adapt, config.adapt_norm)
         self.task_loss = functional_loss(backbone, self.inner_loss)
         self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self._stats: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
@@ -309,13 +310,22 @@ class Transfer(MetaLearner):
         return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)
 
 
-def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None) -> frozenset[str]:
-    """Names of the parameters whose name is, or starts with, one of ``prefixes`` + "." (all if ``None``).
+def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None,
+                            adapt_norm: bool = True) -> frozenset[str]:
+    """Names of the parameters whose name is, or starts with, one of ``prefixes`` + "." (all if ``None``),
+    less the batch-norm parameters when ``adapt_norm`` is false.
 
     Raises:
-        ValueError: a prefix matches no parameter (the message lists the network's top-level names).
+        ValueError: a prefix matches no parameter (the message lists the network's top-level names), or
+            nothing is left to adapt.
     """
     names = [name for name, _ in backbone.named_parameters()]
+    if not adapt_norm:
+        norms = {f"{m}.{p}" if m else p for m, module in backbone.named_modules() if is_norm(module)
+                 for p, _ in module.named_parameters(recurse=False)}
+        names = [n for n in names if n not in norms]
+        if not names:
+            raise ValueError(f"algorithm.adapt_norm=false leaves no parameter of {type(backbone).__name__} to adapt")
     if prefixes is None:
         return frozenset(names)
     chosen: set[str] = set()

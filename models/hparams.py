@@ -39,6 +39,10 @@ class AlgorithmConfig:
     # Parameter-name prefixes adapted in the inner loop (e.g. ["decoder", "head"]); None = every parameter.
     # The rest are meta-learned (MAML/FOMAML) or pre-trained (transfer) but frozen during adaptation.
     adapt: list[str] | None = None
+    # Whether the inner loop adapts batch-norm parameters. MAML's reference code does not: its batch-norm
+    # offsets are TF variables outside the ``weights`` dict that ``tf.gradients`` adapts, yet trainable, so the
+    # outer Adam step meta-learns them (github.com/cbfinn/maml maml.py ``construct_model``). False gives that.
+    adapt_norm: bool = True
     # Segmentation: weight of the soft Dice loss added to the per-pixel cross-entropy (0 = cross-entropy only).
     dice_weight: float = 0.0
     source: str = ""
@@ -63,6 +67,9 @@ class AlgorithmConfig:
             if self.name == "reptile":  # its outer step moves only what the inner loop moved
                 raise ValueError("algorithm.adapt is not supported by reptile: its outer step follows the adapted "
                                  "parameters only, so the frozen ones would never leave their initialization")
+        if not self.adapt_norm and self.name == "reptile":
+            raise ValueError("algorithm.adapt_norm=false is not supported by reptile: its outer step follows the "
+                             "adapted parameters only, so batch norm would never leave its initialization")
         if self.dice_weight < 0:
             raise ValueError(f"algorithm.dice_weight must be >= 0, got {self.dice_weight}")
         for key in ("inner_lr", "meta_lr", "inner_loss_scale"):

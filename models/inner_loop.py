@@ -82,11 +82,21 @@ def functional_loss(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor]) 
 
 def supports_batched(model: nn.Module, params: Params | None = None) -> bool:
     """Whether ``model`` has a ``batched_forward(params [T, ...], x [T, n, ...])`` for the "batched" engine
-    and, when ``params`` is given, whether they are ALL of its parameters: ``batched_forward`` takes every
-    parameter explicitly, so adapting a subset (e.g. the head only) runs on the sequential engine."""
+    and, when ``params`` is given, whether they are parameters of it. A subset (e.g. the head only, or all but
+    batch norm) is fine: :func:`with_frozen` completes it with the module's own parameters, shared by the tasks."""
     if not callable(getattr(model, "batched_forward", None)):
         return False
-    return params is None or set(params) == {name for name, _ in model.named_parameters()}
+    return params is None or set(params) <= {name for name, _ in model.named_parameters()}
+
+
+def with_frozen(model: nn.Module, params: Params, tasks: int) -> Params:
+    """``params`` (``[tasks, *shape]``) plus every other parameter of ``model`` expanded to ``[tasks, *shape]``.
+
+    The frozen parameters are the module's live tensors, so the outer gradient reaches them through the
+    expansion exactly as it does through ``functional_call`` on the sequential engine.
+    """
+    frozen = {k: p.expand(tasks, *p.shape) for k, p in model.named_parameters() if k not in params}
+    return {**frozen, **params}
 
 
 def _safe_sqrt(v: Tensor) -> Tensor:
@@ -119,7 +129,9 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
 def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig) -> Params:
     """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state)."""
     if config.optimizer == "sgd":
-        return {k: p - config.lr * grads[k] for k, p in params.items()}
+        # One fused op (and one in the backward) instead of mul + sub (+ neg): these are the largest tensors of a
+        # batched meta-step ([T, *shape]); what it bought is in benchmarks/README.md.
+        return {k: torch.add(p, grads[k], alpha=-config.lr) for k, p in params.items()}
     beta1, beta2 = config.adam_betas
     new_params = {}
     for k, p in params.items():
@@ -160,7 +172,7 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
         else:
             leaves = {k: p.detach().requires_grad_() for k, p in current.items()}
         with torch.enable_grad():
-            total = per_task_loss(model.batched_forward(leaves, xi), yi).sum()
+            total = per_task_loss(model.batched_forward(with_frozen(model, leaves, tasks), xi), yi).sum()
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
                                         allow_unused=True, materialize_grads=True)
         current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config)
@@ -197,7 +209,7 @@ def task_outputs(model: nn.Module, adapted: Params, xs: Tensor, engine: str = "v
     if engine == "vmap":
         return vmap(forward)(adapted, xs)
     if engine == "batched" and supports_batched(model, adapted):
-        return model.batched_forward(adapted, xs)
+        return model.batched_forward(with_frozen(model, adapted, xs.shape[0]), xs)
     return torch.stack([forward({k: p[t] for k, p in adapted.items()}, x) for t, x in enumerate(xs)])
 
 
@@ -343,7 +355,7 @@ def non_transductive_outputs(model: nn.Module, adapted: Params, support_x: Tenso
                           dim=2).reshape(tasks * m, n + 1, *query_x.shape[2:])
         repeated = {k: p.unsqueeze(1).expand(tasks, m, *p.shape[1:]).reshape(tasks * m, *p.shape[1:])
                     for k, p in adapted.items()}
-        outputs = model.batched_forward(repeated, batch)[:, -1]
+        outputs = model.batched_forward(with_frozen(model, repeated, tasks * m), batch)[:, -1]
         return outputs.reshape(tasks, m, *outputs.shape[1:])
     per_task = vmap(one_query, in_dims=(None, None, 0))  # over the m query examples of one task
     if engine == "vmap":

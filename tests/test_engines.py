@@ -275,17 +275,18 @@ def test_chunked_meta_backward_equals_unchunked_float64(engine: str, first_order
         meta_backward(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine, 0)
 
 
-def test_batched_engine_adapting_a_subset_runs_sequentially_with_the_same_gradients() -> None:
+def test_batched_engine_adapting_a_subset_matches_sequential() -> None:
     """``algorithm.adapt`` (e.g. the head only) hands the inner loop a subset of the parameters; the batched
-    forward needs all of them, so the engine falls back to the loop, and MAML's gradient still reaches the
-    frozen ones through the query loss."""
+    engine completes it with the module's own (frozen, shared) parameters, gives the sequential gradients, and
+    MAML's gradient still reaches the frozen ones through the query loss."""
     model, _ = make_conv4(pool=False, global_pool=False)
     sx, sy, qx, qy = data(model, 5, 10)
     grads = {}
     for engine in ("sequential", "batched"):
         model.zero_grad()
         head = {k: p for k, p in model.named_parameters() if k.startswith("head.")}
-        assert not supports_batched(model, head) and supports_batched(model, dict(model.named_parameters()))
+        assert supports_batched(model, head) and supports_batched(model, dict(model.named_parameters()))
+        assert not supports_batched(model, {"not.a.parameter": head["head.bias"]})
         loss, _ = meta_loss(model, head, F.cross_entropy, sx, sy, qx, qy, InnerConfig(2, 0.4), engine)
         loss.backward()
         grads[engine] = [p.grad.clone() for p in model.parameters()]

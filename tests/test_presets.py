@@ -256,12 +256,13 @@ def test_unknown_algorithm() -> None:
 
 def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
     """Guards the YAML itself: a typo in a preset would otherwise only surface when someone runs it."""
-    allowed = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"} | {"trainer", "episodes", "model"}
+    allowed = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"} | {"trainer", "episodes", "model", "data"}
     presets_dir = Path(resolve.__code__.co_filename).parent / "presets"
     for benchmark in PAPER_BENCHMARKS:
         spec = yaml.safe_load((presets_dir / f"{benchmark}.yaml").read_text())
         assert spec["default_preset"] == "paper"
-        assert set(spec["presets"]) == {"paper"}
-        for algorithm, entry in spec["presets"]["paper"].items():
-            assert algorithm in ALGORITHMS
-            assert set(entry) <= allowed, f"{benchmark}/{algorithm}: {sorted(set(entry) - allowed)}"
+        assert "paper" in spec["presets"] and set(spec["presets"]) <= {"paper", "paper-mlp"}
+        for preset, entries in spec["presets"].items():
+            for algorithm, entry in entries.items():
+                assert algorithm in ALGORITHMS
+                assert set(entry) <= allowed, f"{benchmark}/{preset}/{algorithm}: {sorted(set(entry) - allowed)}"
