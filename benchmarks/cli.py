@@ -1,4 +1,4 @@
-"""The ``metabench`` command line: ``run``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
+"""The ``metabench`` command line: ``run``, ``test``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
 
 Every command fails with one clear line (exit status 2) on bad input instead of a traceback.
 """
@@ -94,21 +94,44 @@ def cmd_episodes_preview(args: argparse.Namespace) -> int:
 
 # -- run ----------------------------------------------------------------------------------------------------
 
+_FLAG_KEYS = (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
+              ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
+              ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes"))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus the dedicated flags (``--data-root`` ...) as dotted overrides."""
+    overrides = list(args.set)
+    for flag, key in _FLAG_KEYS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return overrides
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from metabench.config import preset_algorithms, resolve
     from metabench.report import print_comparison
     from metabench.runner import run
 
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
-    overrides = list(args.set)
-    for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
-                      ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
-                      ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    configs = [resolve(args.benchmark, name, args.preset, args.config, overrides) for name in algorithms]
+    configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
     results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
+    print_comparison([r.record for r in results], [r.record_path for r in results])
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from metabench.config import preset_algorithms, resolve
+    from metabench.report import print_comparison
+    from metabench.runner import test_run
+
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
+    results = []
+    for name in algorithms:
+        tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))
+        # Checked against the run folder's saved config; runs without one, against the preset without --set.
+        results.append(test_run(tested, trained=resolve(args.benchmark, name, args.preset, args.config)))
     print_comparison([r.record for r in results], [r.record_path for r in results])
     return 0
 
@@ -166,30 +189,40 @@ def _episode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed naming the fixed episodes")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, Reptile on synthetic glyphs)")
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What names a run and where it lives: shared by ``run`` and ``test``."""
     p.add_argument("--benchmark", default="synthetic-5w1s")
     p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS,
-                   help="repeatable; default: all three")
+                   help="repeatable; default: every algorithm of the benchmark's preset")
     p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
     p.add_argument("--data-root")
     p.add_argument("--cache-dir")
-    p.add_argument("--max-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--test-episodes", type=int)
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
     p.add_argument("--records-dir")
-    p.add_argument("--out-dir")
+    p.add_argument("--out-dir", help="folder of the run folders (default: runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, Reptile on synthetic glyphs)")
+    _run_args(p)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--logger", choices=("none", "csv", "wandb"))
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
+                                    "--set episodes.queries=1) and write a second record, without retraining")
+    _run_args(p)
+    p.set_defaults(func=cmd_test)
 
     data = sub.add_parser("data", help="prepare, verify or download datasets").add_subparsers(
         dest="data_command", required=True)

@@ -1,10 +1,12 @@
 """The leaderboard: every run record -> one honest comparison table per benchmark (Markdown, CSV, HTML).
 
-A benchmark table is keyed by (benchmark, protocol), protocol being the record's ``algorithm.bn_mode``
-(transductive or non-transductive test-time batch norm). Its rows are keyed by (algorithm, backbone, preset,
-protocol, episode digest); records of one row key (several seeds) are aggregated. Rows are only compared,
-ranked and tested against each other on identical test episodes (one digest); rows on other digests are
-shown apart, never ranked with them. Published numbers come from ``paper_results.yaml`` beside this file.
+A benchmark table is keyed by (benchmark, protocol), the protocol being the record's test protocol: its
+``algorithm.bn_mode`` (transductive or non-transductive test-time batch norm) and the query images per class
+of its test episodes. Its rows are keyed by (algorithm, backbone, preset, protocol, episode digest); records of
+one row key (several seeds) are aggregated. Rows are only compared, ranked and tested against each other on
+identical test episodes (one digest); rows on other digests are shown apart, never ranked with them.
+Published numbers come from ``paper_results.yaml`` beside this file; a row gets one only when the paper's
+backbone family and test protocol (batch-norm mode, class split, queries per class) are the row's own.
 
 Output is deterministic: the same records give byte-identical files (no timestamps, no absolute paths,
 stable orders, fixed float precision).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +61,12 @@ METHODS_TEXT = (
     "published number. Δ paper = ours − paper in percentage points.\n"
     "- **Times** are wall-clock seconds on the named device (mean over runs): training, and testing all "
     "episodes; tasks/s is the training throughput (meta-training tasks per second of training).\n"
-    "- *paper only* rows are published numbers of configurations we have no record of, for context."
+    "- **Paper numbers** are matched on the test protocol: a row gets one only when the paper's network family "
+    "(backbone), test-time batch norm, class split and query images per class are the row's own (a paper's "
+    "number measured on 1 query per class says nothing about 15). Each table is one test protocol: batch-norm "
+    "mode and queries per class; `metabench test` evaluates a trained run on another protocol.\n"
+    "- *paper only* rows are published numbers that no row of ours matches, for context; their label gives "
+    "the paper's split and queries per class."
 )
 
 
@@ -70,11 +78,18 @@ class LeaderboardError(ValueError):
 
 @dataclass(frozen=True)
 class PaperResult:
-    """One published number, in percent as printed, with its citation."""
+    """One published number, in percent as printed, with its citation and its test protocol.
+
+    ``split`` and ``test_queries`` are None where the paper's test protocol is not established: such a number
+    is context only and never gives a verdict.
+    """
 
     benchmark: str
     algorithm: str
-    protocol: str
+    backbone: str  # family: "conv4", "mlp"
+    protocol: str  # test-time batch norm: "transductive" / "non-transductive"
+    split: str | None  # "maml", "standard", ...: see paper_results.yaml
+    test_queries: int | None
     mean: float
     ci95: float | None
     paper: str
@@ -89,8 +104,33 @@ class PaperResult:
         year = next((w.strip(".") for w in reversed(self.paper.split()) if w.strip(".").isdigit()), "")
         return f"{first} {year}, arXiv:{self.arxiv}, {self.table}"
 
+    @property
+    def test_protocol(self) -> str:
+        """The paper's split and test queries in words, e.g. "maml split, 1 query/class"."""
+        split = "split unknown" if self.split is None else f"{self.split} split"
+        queries = "queries unknown" if self.test_queries is None else queries_text(self.test_queries)
+        return f"{split}, {queries}"
 
-_PAPER_KEYS = ("benchmark", "algorithm", "protocol", "mean", "ci95", "source", "table", "row")
+    def matches(self, benchmark: str, algorithm: str, backbone: str, protocol: RowProtocol) -> bool:
+        """Whether a row of ours is judged against this number: same benchmark, algorithm, backbone family and
+        test protocol, all known."""
+        return (self.split is not None and self.test_queries is not None
+                and (self.benchmark, self.algorithm, self.backbone, self.protocol, self.split, self.test_queries)
+                == (benchmark, algorithm, backbone_family(backbone), protocol.bn_mode, protocol.split,
+                    protocol.queries))
+
+
+_PAPER_KEYS = ("benchmark", "algorithm", "backbone", "protocol", "split", "test_queries", "mean", "ci95", "source",
+               "table", "row")
+
+
+def queries_text(queries: int) -> str:
+    return f"{queries} {'query' if queries == 1 else 'queries'}/class"
+
+
+def backbone_family(backbone: str) -> str:
+    """``conv4-omniglot`` -> ``conv4``, ``mlp-omniglot`` -> ``mlp``: what a paper's network is compared on."""
+    return backbone.split("-", 1)[0]
 
 
 def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
@@ -100,7 +140,7 @@ def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise ValueError(f"{path.name}: expected a mapping with a 'results' list")
     out: list[PaperResult] = []
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for i, entry in enumerate(data["results"]):
         where = f"{path.name}: results[{i}]"
         if not isinstance(entry, dict) or sorted(entry) != sorted(_PAPER_KEYS):
@@ -111,15 +151,44 @@ def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
         ci = entry["ci95"]
         if not isinstance(entry["mean"], (int, float)) or not (ci is None or isinstance(ci, (int, float))):
             raise ValueError(f"{where}: mean and ci95 must be numbers (ci95 may be null)")
-        key = (entry["benchmark"], entry["algorithm"], entry["protocol"])
+        queries = entry["test_queries"]
+        if not (queries is None or (isinstance(queries, int) and queries > 0)):
+            raise ValueError(f"{where}: test_queries must be a positive integer or null")
+        key = tuple(entry[k] for k in ("benchmark", "algorithm", "backbone", "protocol", "split", "test_queries"))
         if key in seen:
             raise ValueError(f"{where}: a second number for {key}")
         seen.add(key)
         out.append(PaperResult(benchmark=str(entry["benchmark"]), algorithm=str(entry["algorithm"]),
-                               protocol=str(entry["protocol"]), mean=float(entry["mean"]),
-                               ci95=None if ci is None else float(ci), paper=str(source["paper"]),
-                               arxiv=str(source["arxiv"]), table=str(entry["table"]), row=str(entry["row"])))
+                               backbone=str(entry["backbone"]), protocol=str(entry["protocol"]),
+                               split=None if entry["split"] is None else str(entry["split"]), test_queries=queries,
+                               mean=float(entry["mean"]), ci95=None if ci is None else float(ci),
+                               paper=str(source["paper"]), arxiv=str(source["arxiv"]), table=str(entry["table"]),
+                               row=str(entry["row"])))
     return out
+
+
+@dataclass(frozen=True, order=True)
+class RowProtocol:
+    """A record's test protocol: test-time batch norm, class split (``data.options.scheme``, else "standard")
+    and query images per class."""
+
+    bn_mode: str
+    queries: int
+    split: str
+
+    @property
+    def label(self) -> str:
+        """The table's protocol heading, e.g. "transductive, 1 query/class"."""
+        return f"{self.bn_mode}, {queries_text(self.queries)}"
+
+    @classmethod
+    def of(cls, record: Record) -> "RowProtocol":
+        bn_mode = _config_key(record, "algorithm", "bn_mode")
+        queries = record.config.get("episodes", {}).get("queries")
+        if not isinstance(queries, int) or isinstance(queries, bool):
+            raise RecordError(f"config.episodes.queries should be an integer, got {queries!r:.40}")
+        options = record.config.get("data", {}).get("options") or {}
+        return cls(bn_mode, queries, str(options.get("scheme", "standard")))
 
 
 # -- loading records ----------------------------------------------------------------------------------------
@@ -146,8 +215,8 @@ def _config_key(record: Record, *keys: str) -> str:
 def load_records(records_dir: str | Path) -> Loaded:
     """Read every ``*.json`` under ``records_dir`` (sorted); bad or duplicate files become problems.
 
-    A file is skipped when :func:`read_record` rejects it, when its config lacks ``algorithm.bn_mode`` or
-    ``model.backbone``, or when an earlier file (in path order) already claimed its run id.
+    A file is skipped when :func:`read_record` rejects it, when its config lacks ``algorithm.bn_mode``,
+    ``episodes.queries`` or ``model.backbone``, or when an earlier file (in path order) already claimed its run id.
     """
     root = Path(records_dir)
     if not root.is_dir():
@@ -158,7 +227,7 @@ def load_records(records_dir: str | Path) -> Loaded:
         name = path.relative_to(root).as_posix()  # never an absolute path in the outputs
         try:
             record = read_record(path)
-            _config_key(record, "algorithm", "bn_mode")
+            RowProtocol.of(record)
             _config_key(record, "model", "backbone")
         except RecordError as error:
             message = str(error).replace(str(path), "").lstrip(": ")
@@ -304,7 +373,10 @@ class Row:
 
     @property
     def label(self) -> str:
-        return self.algorithm if not self.paper_only else f"{self.algorithm} (paper)"
+        if not self.paper_only:
+            return self.algorithm
+        assert self.paper is not None
+        return f"{self.algorithm} (paper; {self.paper.test_protocol})"
 
 
 @dataclass
@@ -326,7 +398,15 @@ class BenchmarkTable:
 
     @property
     def anchor(self) -> str:
-        return f"{self.benchmark}--{self.protocol}"
+        return re.sub(r"[^a-z0-9]+", "-", f"{self.benchmark}--{self.protocol}".lower()).strip("-")
+
+    @property
+    def bn_mode(self) -> str:
+        return self.protocol.split(",", 1)[0]
+
+    @property
+    def queries(self) -> int:
+        return int(self.protocol.split(", ", 1)[1].split()[0])
 
 
 def _row_from_records(key: tuple[str, str, str, str, str], named: list[tuple[str, Record]],
@@ -356,22 +436,33 @@ def _row_from_records(key: tuple[str, str, str, str, str], named: list[tuple[str
 
 
 def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperResult] = ()) -> list[BenchmarkTable]:
-    """Group ``(file name, record)`` pairs into benchmark tables, aggregate, rank and attach paper numbers."""
-    paper_index = {(p.benchmark, p.algorithm, p.protocol): p for p in papers}
-    by_table: dict[tuple[str, str], dict[tuple[str, ...], list[tuple[str, Record]]]] = defaultdict(
-        lambda: defaultdict(list))
-    for name, record in records:
-        protocol = _config_key(record, "algorithm", "bn_mode")
-        backbone = _config_key(record, "model", "backbone")
-        row_key = (record.algorithm, backbone, record.preset, protocol, record.episode_digest)
-        by_table[(record.benchmark, protocol)][row_key].append((name, record))
+    """Group ``(file name, record)`` pairs into benchmark tables, aggregate, rank and attach paper numbers.
 
+    A paper number goes to the row whose benchmark, algorithm, backbone family and test protocol it matches
+    (:meth:`PaperResult.matches`); an unmatched number of the benchmark is listed once as a *paper only* row,
+    in the table of its batch-norm mode with its queries per class if there is one, else the first of that mode.
+    """
+    by_table: dict[tuple[str, str, int], dict[tuple[str, ...], list[tuple[str, Record]]]] = defaultdict(
+        lambda: defaultdict(list))
+    protocols: dict[tuple[str, ...], RowProtocol] = {}
+    for name, record in records:
+        protocol = RowProtocol.of(record)
+        row_key = (record.algorithm, _config_key(record, "model", "backbone"), record.preset, protocol.label,
+                   record.episode_digest)
+        by_table[(record.benchmark, protocol.bn_mode, protocol.queries)][row_key].append((name, record))
+        protocols[(record.benchmark, *row_key)] = protocol  # one digest: one split and one shape
+
+    matched: set[PaperResult] = set()
     tables: list[BenchmarkTable] = []
-    for (benchmark, protocol), groups in sorted(by_table.items()):
+    for (benchmark, _, _), groups in sorted(by_table.items()):
         counts = Counter(r.episode_digest for named in groups.values() for _, r in named)
         reference = min(counts, key=lambda d: (-counts[d], d))
-        rows = [_row_from_records(key, named, paper_index.get((benchmark, key[0], protocol)))
-                for key, named in sorted(groups.items())]
+        rows = []
+        for key, named in sorted(groups.items()):
+            protocol = protocols[(benchmark, *key)]
+            paper = next((p for p in papers if p.matches(benchmark, key[0], key[1], protocol)), None)
+            matched.update([paper] if paper else [])
+            rows.append(_row_from_records(key, named, paper))
         metric_names = sorted({r.metric for named in groups.values() for _, r in named})
         extra = sorted({k for named in groups.values() for _, r in named for k in r.metrics})
         ranked = sorted((r for r in rows if r.digest == reference),
@@ -379,13 +470,15 @@ def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperRe
         _rank(ranked)
         others = sorted((r for r in rows if r.digest != reference),
                         key=lambda r: (r.digest, -r.mean, r.algorithm, r.backbone, r.preset))
-        ours = {r.algorithm for r in rows}
-        paper_rows = [Row(algorithm=p.algorithm, backbone="", preset="", protocol=p.protocol, digest="", paper=p)
-                      for p in sorted(papers, key=lambda p: (-p.mean, p.algorithm))
-                      if p.benchmark == benchmark and p.protocol == protocol and p.algorithm not in ours]
-        tables.append(BenchmarkTable(benchmark=benchmark, protocol=protocol, metric=" / ".join(metric_names),
-                                     reference_digest=reference, rows=ranked, other_rows=others,
-                                     paper_rows=paper_rows, extra_metrics=extra))
+        tables.append(BenchmarkTable(benchmark=benchmark, protocol=rows[0].protocol, metric=" / ".join(metric_names),
+                                     reference_digest=reference, rows=ranked, other_rows=others, paper_rows=[],
+                                     extra_metrics=extra))
+    for paper in sorted(set(papers) - matched, key=lambda p: (-p.mean, p.algorithm, p.backbone, p.test_protocol)):
+        same_mode = [t for t in tables if t.benchmark == paper.benchmark and t.bn_mode == paper.protocol]
+        home = next((t for t in same_mode if t.queries == paper.test_queries), same_mode[0] if same_mode else None)
+        if home is not None:
+            home.paper_rows.append(Row(algorithm=paper.algorithm, backbone=paper.backbone, preset="",
+                                       protocol=paper.protocol, digest="", paper=paper))
     return tables
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
 import secrets
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -160,8 +162,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*with manual optimization and every_n_train_steps.*")
 
 
-def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write: bool = True) -> RunResult:
-    """Train ``config.algorithm`` on ``config.benchmark``, test on the fixed episodes, write the record."""
+def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaLearner, dict[str, torch.Tensor]]:
+    """Threads, seed, data and the module; also the module's random initialization (for the baseline).
+
+    The order (seed, data, module) is fixed: ``metabench test`` rebuilds the same initialization this way.
+    """
     quiet_lightning()
     device = pick_device(config.trainer.accelerator)
     if config.trainer.cpu_threads is not None:
@@ -171,14 +176,38 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(config, device)
     module = build_module(config, datamodule)
-    initial = copy.deepcopy(module.backbone.state_dict())  # for the random-init baseline
+    return device, datamodule, module, copy.deepcopy(module.backbone.state_dict())
+
+
+def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write: bool = True) -> RunResult:
+    """Train ``config.algorithm`` on ``config.benchmark``, test on the fixed episodes, write the record."""
+    device, datamodule, module, initial = _prepare(config)
     run_dir = run_dir_for(config)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = run_dir / "checkpoints" / "last.ckpt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or remove the folder")
+    if resume and not last.exists():
+        print(f"metabench: nothing to resume in {run_dir} (no checkpoints/last.ckpt): starting a fresh run",
+              file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")  # what metabench test checks
     clock = _Clock()
     curve = _Curve(clock)
+    trainer, logger = _fit(config, module, datamodule, device, run_dir, clock, curve, progress,
+                           resume and last.exists())
+    record = _test_record(config, trainer, module, datamodule, device, initial, steps=int(module.global_step),
+                          train_seconds=clock.elapsed(), curve=curve.points, resolved={})
+    path = write_record(record, config.records_dir) if write else Path()
+    if logger is not None and config.logger == "wandb":
+        from metabench.wandb_logging import log_record
+        log_record(logger, record, path)
+    return RunResult(record, path, run_dir)
+
+
+def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule, device: torch.device, run_dir: Path,
+         clock: _Clock, curve: _Curve, progress: bool, resume: bool) -> tuple[L.Trainer, Any]:
+    """Lightning training with checkpoints every ``checkpoint_every`` steps; ``last.ckpt`` holds the final step."""
+    ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=config.trainer.checkpoint_every, save_last=True,
                         save_top_k=0, save_on_train_epoch_end=False),
@@ -197,41 +226,125 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
         deterministic=False)
     if logger is not None:
         logger.log_hyperparams(config.to_dict())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.exists() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
     if module.global_step < config.trainer.max_steps and not config.trainer.max_time_minutes:
         raise RuntimeError(f"training stopped at step {module.global_step} of {config.trainer.max_steps}")
+    # The periodic checkpoint may predate the last step (max_steps not a multiple of checkpoint_every):
+    # last.ckpt must hold the final weights, which ``metabench test`` evaluates.
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    return trainer, logger
 
+
+def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, datamodule: EpisodicDataModule,
+                 device: torch.device, initial: dict[str, torch.Tensor], *, steps: int, train_seconds: float,
+                 curve: list[list[float]], resolved: dict[str, Any]) -> Record:
+    """Test ``module`` on the fixed test episodes (with ``trainer``, so its logger sees the test metrics), run
+    the random-init baseline, and build the record of a run trained for ``steps`` in ``train_seconds``."""
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     eval_seconds = time.perf_counter() - start
     scores = module.test_scores.tolist()
-
-    # The same adaptation from the run's own random initialization: what meta-training bought.
-    baseline = build_module(config, datamodule)
-    baseline.backbone.load_state_dict(initial)
-    trainer_b = L.Trainer(accelerator=trainer.accelerator, devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, inference_mode=False)
-    trainer_b.test(baseline, datamodule=datamodule, verbose=False)
-    base_mean, base_ci = mean_ci95(baseline.test_scores.tolist())
-    baseline_summary = {"random_init_mean": base_mean, "random_init_ci95": base_ci}
-    baseline_summary.update({f"random_init_{k}": v for k, v in baseline.test_metrics.items()})
-
     mean, ci = mean_ci95(scores)
-    train_seconds = clock.elapsed()
-    record = Record(
+    return Record(
         run_id=f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
-        config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings}},
+        config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings,
+                                                 **resolved}},
         seed=config.trainer.seed, episode_digest=datamodule.digest("test"),
         num_episodes=len(scores), metric=module.problem.metric_name, scores=scores, mean=mean, ci95=ci,
-        training_steps=int(module.global_step), train_seconds=train_seconds, eval_seconds=eval_seconds,
-        tasks_per_second=module.global_step * config.algorithm.meta_batch / max(train_seconds, 1e-9),
+        training_steps=steps, train_seconds=train_seconds, eval_seconds=eval_seconds,
+        tasks_per_second=steps * config.algorithm.meta_batch / max(train_seconds, 1e-9),
         device=device_name(device), versions=versions(), git_commit=git_commit(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        baseline=baseline_summary, metrics=dict(module.test_metrics), curve=[list(p) for p in curve.points])
+        baseline=_random_init_baseline(config, datamodule, initial, trainer.accelerator),
+        metrics=dict(module.test_metrics), curve=[list(p) for p in curve])
+
+
+def _test_trainer(accelerator: Any) -> L.Trainer:
+    """A Trainer for evaluation only: gradients on (adaptation needs them), no logger, no progress bar."""
+    return L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, inference_mode=False)
+
+
+def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
+                          accelerator: Any) -> dict[str, float]:
+    """The same adaptation from the run's own random initialization, on the same episodes: what meta-training
+    bought."""
+    baseline = build_module(config, datamodule)
+    baseline.backbone.load_state_dict(initial)
+    _test_trainer(accelerator).test(baseline, datamodule=datamodule, verbose=False)
+    mean, ci = mean_ci95(baseline.test_scores.tolist())
+    summary = {"random_init_mean": mean, "random_init_ci95": ci}
+    summary.update({f"random_init_{k}": v for k, v in baseline.test_metrics.items()})
+    return summary
+
+
+# What ``metabench test`` may change: the test protocol and where things are, never what was trained.
+TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.test_episodes", "episodes.eval_seed", "episodes.eval_batch",
+                      "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr", "algorithm.engine",
+                      "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
+                      "records_dir", "out_dir", "logger")
+
+
+def trained_config(config: RunConfig) -> dict[str, Any] | None:
+    """The configuration the run in ``config``'s run folder was trained with (its ``config.json``), if saved."""
+    path = run_dir_for(config) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig) -> None:
+    """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol."""
+    before = _flatten(trained if isinstance(trained, dict) else trained.to_dict())
+    changed = [key for key, value in _flatten(tested.to_dict()).items()
+               if before.get(key) != value and key not in TEST_PROTOCOL_KEYS]
+    if changed:
+        raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
+                          f"({', '.join(TEST_PROTOCOL_KEYS[:7])}) and paths, not {', '.join(changed)}")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("options",):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool = True) -> RunResult:
+    """Evaluate a finished run's final weights (``<run dir>/checkpoints/last.ckpt``) on ``config``'s test
+    episodes, e.g. another number of queries per class, and write a second record for the same run.
+
+    The record carries the checkpoint's training steps, training time and validation curve, and
+    ``config.resolved.tested_checkpoint``. The random-init baseline is rebuilt from the run's seed (the same
+    initialization as the run's own). ``config`` may differ from the training configuration (the run folder's
+    ``config.json``, else ``trained``) only in :data:`TEST_PROTOCOL_KEYS`. Raises ``FileNotFoundError`` without
+    a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
+    """
+    run_dir = run_dir_for(config)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"no trained run to test: {last} does not exist (train it with metabench run "
+                                f"with the same benchmark, algorithm, preset, seed and --out-dir)")
+    reference = trained_config(config) or trained
+    if reference is not None:
+        check_test_overrides(reference, config)
+    device, datamodule, module, initial = _prepare(config)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    step = int(checkpoint.get("global_step", 0))
+    if step < config.trainer.max_steps and not config.trainer.max_time_minutes:
+        raise ValueError(f"{last} is at step {step} of {config.trainer.max_steps}: training has not finished "
+                         f"(finish it with metabench run ... --resume); a partial run is not tested")
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)  # the engine the run chose
+    states = checkpoint.get("callbacks", {})
+    seconds = next((float(v["seconds"]) for k, v in states.items() if _Clock.__name__ in k), float("nan"))
+    points = next((v["points"] for k, v in states.items() if _Curve.__name__ in k), [])
+    trainer = _test_trainer("gpu" if device.type == "cuda" else "cpu")
+    record = _test_record(config, trainer, module, datamodule, device, initial, steps=step, train_seconds=seconds,
+                          curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step}})
     path = write_record(record, config.records_dir) if write else Path()
-    if logger is not None:
-        _log_final(logger, record, path)
     return RunResult(record, path, run_dir)
 
 
@@ -246,12 +359,3 @@ def _logger(config: RunConfig, run_dir: Path):
         return make_wandb_logger(config, run_dir)
     raise ValueError(f"unknown logger {config.logger!r}; use none, csv or wandb")
 
-
-def _log_final(logger: Any, record: Record, path: Path) -> None:
-    if config_logger_is_wandb(logger):
-        from metabench.wandb_logging import log_record
-        log_record(logger, record, path)
-
-
-def config_logger_is_wandb(logger: Any) -> bool:
-    return type(logger).__name__ == "WandbLogger"

@@ -32,11 +32,14 @@ DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
 def make_record(run_id: str, algorithm: str, scores: list[float], *, benchmark: str = "omniglot-5w1s",
                 seed: int = 0, digest: str = DIGEST_A, bn_mode: str = "transductive", preset: str = "paper",
                 metric: str = "accuracy", metrics: dict[str, float] | None = None,
-                curve: list[list[float]] | None = None, steps: int = 1000, train_seconds: float = 60.0) -> Record:
-    """A valid record with hand-chosen scores (mean and CI computed as the runner does)."""
+                curve: list[list[float]] | None = None, steps: int = 1000, train_seconds: float = 60.0,
+                backbone: str = "conv4-omniglot", queries: int = 1, scheme: str | None = "maml") -> Record:
+    """A valid record with hand-chosen scores (mean and CI computed as the runner does). By default on the MAML
+    paper's test protocol (its class split, 1 query per class), so that paper numbers attach."""
     mean, ci = mean_ci95(scores)
     config = {"benchmark": benchmark, "preset": preset, "algorithm": {"name": algorithm, "bn_mode": bn_mode},
-              "model": {"backbone": "conv4-omniglot"}, "trainer": {"seed": seed}}
+              "model": {"backbone": backbone}, "trainer": {"seed": seed}, "episodes": {"queries": queries},
+              "data": {"options": {} if scheme is None else {"scheme": scheme}}}
     return Record(run_id=run_id, benchmark=benchmark, algorithm=algorithm, preset=preset, config=config, seed=seed,
                   episode_digest=digest, num_episodes=len(scores), metric=metric, scores=scores, mean=mean, ci95=ci,
                   training_steps=steps, train_seconds=train_seconds, eval_seconds=4.0 + seed, tasks_per_second=150.0,
@@ -68,9 +71,9 @@ def fixture_records() -> list[Record]:
         make_record("r-reptile-b", "reptile", _pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5),
         make_record("r-reptile-nt", "reptile", _pattern(0.95, n, 0.01, 4), bn_mode="non-transductive"),
         make_record("r-seg-transfer", "transfer", seg_a, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
-                    metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default"),
+                    metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default", scheme=None),
         make_record("r-seg-maml", "maml", seg_b, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
-                    metrics={"miou": 0.50}, preset="default"),
+                    metrics={"miou": 0.50}, preset="default", scheme=None),
     ]
 
 
@@ -134,20 +137,24 @@ def test_paired_test_degenerate_and_bootstrap() -> None:
 
 
 def test_verdict_rules() -> None:
-    paper = PaperResult("b", "maml", "transductive", 98.7, 0.4, "Finn et al. 2017", "1703.03400", "Table 1", "MAML")
+    paper = PaperResult("b", "maml", "conv4", "transductive", "maml", 1, 98.7, 0.4, "Finn et al. 2017", "1703.03400",
+                        "Table 1", "MAML")
     assert verdict(99.5, 0.2, paper) == REPRODUCED  # above
     assert verdict(98.3, 0.2, paper) == REPRODUCED  # at the lower end of the paper's CI
     assert verdict(98.0, 0.35, paper) == OVERLAP  # 98.35 >= 98.3
     assert verdict(98.0, 0.2, paper) == BELOW
     assert verdict(50.0, 1.0, None) == NO_PAPER
-    no_ci = PaperResult("b", "maml++", "transductive", 99.47, None, "x", "1", "T", "r")
+    no_ci = PaperResult("b", "maml++", "conv4", "transductive", None, None, 99.47, None, "x", "1", "T", "r")
     assert verdict(99.47, 0.1, no_ci) == REPRODUCED and verdict(99.3, 0.1, no_ci) == BELOW
 
 
 # -- paper numbers ------------------------------------------------------------------------------------------
 
 def test_paper_numbers_as_published() -> None:
-    papers = {(p.benchmark, p.algorithm, p.protocol): p for p in load_paper_results()}
+    papers = {(p.benchmark, p.algorithm, p.protocol): p for p in load_paper_results() if p.backbone == "conv4"}
+    mlp = {(p.benchmark, p.test_queries): (p.mean, p.ci95, p.row) for p in load_paper_results() if p.backbone == "mlp"}
+    assert mlp == {("omniglot-5w1s", 1): (89.7, 1.1, "MAML, no conv (ours)"),
+                   ("omniglot-5w5s", 5): (97.5, 0.6, "MAML, no conv (ours)")}
     expected = {  # (benchmark, algorithm, protocol): (mean, ci95, arXiv id, table)
         ("omniglot-5w1s", "maml", "transductive"): (98.7, 0.4, "1703.03400", "Table 1"),
         ("omniglot-20w5s", "maml", "transductive"): (98.9, 0.2, "1703.03400", "Table 1"),
@@ -211,9 +218,10 @@ def test_table_logic_on_fixture() -> None:
     papers = load_paper_results()
     tables = {(t.benchmark, t.protocol): t for t in build_tables([(f"{r.run_id}.json", r)
                                                                   for r in fixture_records()], papers)}
-    assert sorted(tables) == [("fss-1w5s", "transductive"), ("omniglot-5w1s", "non-transductive"),
-                              ("omniglot-5w1s", "transductive")]
-    omni = tables[("omniglot-5w1s", "transductive")]
+    one = "1 query/class"
+    assert sorted(tables) == [("fss-1w5s", f"transductive, {one}"), ("omniglot-5w1s", f"non-transductive, {one}"),
+                              ("omniglot-5w1s", f"transductive, {one}")]
+    omni = tables[("omniglot-5w1s", f"transductive, {one}")]
     assert omni.reference_digest == DIGEST_A  # 4 records against 1
     assert [r.algorithm for r in omni.rows] == ["maml", "fomaml", "reptile"]
     maml, fomaml, reptile = omni.rows
@@ -226,12 +234,39 @@ def test_table_logic_on_fixture() -> None:
     # MAML 98.25 vs 98.7 ± 0.4; FOMAML 97.75 vs 98.3 ± 0.5; Reptile 95.04 vs 97.68 ± 0.04.
     assert (maml.verdict, fomaml.verdict, reptile.verdict) == (OVERLAP, OVERLAP, BELOW)
     assert maml.delta == pytest.approx(98.25 - 98.7, abs=1e-9)
-    assert [r.algorithm for r in omni.paper_rows] == ["meta-sgd", "maml++"]  # by published mean
-    non_t = tables[("omniglot-5w1s", "non-transductive")]
+    # Unmatched numbers, by published mean: two of unknown test protocol, and MAML's MLP (not our backbone).
+    assert [(r.algorithm, r.backbone) for r in omni.paper_rows] == [("meta-sgd", "conv4"), ("maml++", "conv4"),
+                                                                   ("maml", "mlp")]
+    assert omni.paper_rows[0].label == "meta-sgd (paper; split unknown, queries unknown)"
+    non_t = tables[("omniglot-5w1s", f"non-transductive, {one}")]
     assert non_t.rows[0].paper.mean == 95.39 and non_t.rows[0].verdict == REPRODUCED and non_t.paper_rows == []
-    seg = tables[("fss-1w5s", "transductive")]
+    seg = tables[("fss-1w5s", f"transductive, {one}")]
     assert seg.metric == "fg_iou" and seg.extra_metrics == ["fb_iou", "miou"]
     assert seg.rows[1].test.method == "bootstrap" and not seg.rows[1].tied
+
+
+def _paper_of(record: Record) -> PaperResult | None:
+    [table] = build_tables([("r.json", record)], load_paper_results())
+    return table.rows[0].paper
+
+
+def test_paper_numbers_only_for_the_same_backbone_and_test_protocol() -> None:
+    """A published cell judges a row only on its own network family and test protocol."""
+    scores = _pattern(0.9, 40, 0.01, 5)
+    conv = _paper_of(make_record("c", "maml", scores))
+    mlp = _paper_of(make_record("m", "maml", scores, backbone="mlp-omniglot"))
+    assert (conv.backbone, conv.mean, mlp.backbone, mlp.mean) == ("conv4", 98.7, "mlp", 89.7)
+    mlp5 = _paper_of(make_record("m5", "maml", scores, benchmark="omniglot-5w5s", backbone="mlp-omniglot",
+                                 queries=5))
+    assert mlp5.mean == 97.5
+    assert _paper_of(make_record("q", "maml", scores, backbone="mlp-omniglot", queries=15)) is None  # 15 queries
+    assert _paper_of(make_record("v", "maml", scores, scheme="vinyals")) is None  # another class split
+    assert _paper_of(make_record("r", "reptile", scores, bn_mode="non-transductive")).mean == 95.39
+    assert _paper_of(make_record("r5", "reptile", scores, queries=5, bn_mode="non-transductive")) is None
+    # An MLP-only paper cell never lands on a conv row, even as context of another table.
+    [table] = build_tables([("c.json", make_record("c", "maml", scores))], load_paper_results())
+    assert table.rows[0].paper.backbone == "conv4"
+    assert ("maml", "mlp", 89.7) in {(r.algorithm, r.backbone, r.paper.mean) for r in table.paper_rows}
 
 
 # -- the command and bad input ----------------------------------------------------------------------------
@@ -307,7 +342,7 @@ def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> No
     assert row["leaderboard/nrows"] == len(result.paths[1].read_text().splitlines()) - 1
     table = json.loads((run_dir / row["leaderboard/path"]).read_text())
     assert table["columns"] == CSV_COLUMNS
-    ranked = [r[4] for r in table["data"] if r[:2] == ["omniglot-5w1s", "transductive"] and r[3] == "ranked"]
+    ranked = [r[4] for r in table["data"] if r[:2] == ["omniglot-5w1s", "transductive, 1 query/class"] and r[3] == "ranked"]
     assert ranked == ["maml", "fomaml", "reptile"]
 
     # The page as an artifact of type "leaderboard", byte for byte.

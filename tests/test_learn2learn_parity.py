@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metabench.models.backbones import Conv4
+from metabench.models.backbones import MLP, Conv4
 from metabench.models.inner_loop import InnerConfig, meta_loss
 
 if os.environ.get("CI"):
@@ -38,8 +38,15 @@ LR = 0.4
 RTOL = 1e-10
 
 
-def _model() -> Conv4:
+def _model(backbone: str = "conv4") -> nn.Module:
+    """Float64 Conv4 (8 filters), or MAML's non-convolutional MLP (narrowed, batch norm without scale)."""
     torch.manual_seed(0)
+    if backbone == "mlp":
+        model = MLP(in_channels=1, ways=WAYS, image_size=SIZE, hidden=(32, 16, 8, 8)).double()
+        with torch.no_grad():  # larger weights than the paper's 0.01 init, so that every gradient is well above 0
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        return model
     return Conv4(in_channels=1, ways=WAYS, image_size=SIZE, hidden=8).double()
 
 
@@ -91,11 +98,12 @@ def _assert_grads_equal(ours: list[Tensor], ref: list[Tensor], names: list[str])
         assert worst <= RTOL * scale, f"{name}: max |diff| {worst:.3e} > {RTOL:.0e} * {scale:.3e}"
 
 
-@pytest.mark.parametrize("engine", ["vmap", "sequential"])
+@pytest.mark.parametrize("backbone,engine", [("conv4", "vmap"), ("conv4", "sequential"), ("mlp", "batched"),
+                                            ("mlp", "sequential")])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_meta_gradient_matches_learn2learn(steps: int, first_order: bool, engine: str) -> None:
-    model = _model()
+def test_meta_gradient_matches_learn2learn(steps: int, first_order: bool, backbone: str, engine: str) -> None:
+    model = _model(backbone)
     reference = copy.deepcopy(model)  # same init, own autograd graph
     batch = _batch()
 

@@ -140,3 +140,61 @@ def test_non_transductive_evaluation_is_recorded(tmp_path: Path) -> None:
     transductive = run(tiny_config(tmp_path / "t", "reptile", steps=4), progress=False).record
     assert record.episode_digest == transductive.episode_digest
     assert record.scores != transductive.scores  # batch statistics differ, so do the predictions
+
+
+# -- metabench test: a finished run on another test protocol ---------------------------------------------
+
+def test_test_run_reproduces_the_run_and_scores_another_protocol(tmp_path: Path) -> None:
+    """Same protocol: the run's own scores and random-init baseline, exactly (same weights, same init, same
+    episodes). One query per class: another digest, the run's steps and time, a second record."""
+    from metabench.runner import test_run
+
+    trained = run(tiny_config(tmp_path, "maml", steps=6), progress=False)
+    again = test_run(tiny_config(tmp_path, "maml", steps=6)).record
+    assert again.scores == trained.record.scores and again.episode_digest == trained.record.episode_digest
+    assert again.baseline == trained.record.baseline
+    assert again.training_steps == 6 and again.train_seconds == pytest.approx(trained.record.train_seconds, rel=0.2)
+    assert again.config["resolved"]["tested_checkpoint"]["step"] == 6
+
+    one = test_run(tiny_config(tmp_path, "maml", steps=6, extra=["episodes.queries=1"]))
+    record = read_record(one.record_path)
+    assert record.config["episodes"]["queries"] == 1 and record.episode_digest != trained.record.episode_digest
+    split = make_glyphs("test", seed=0, num_classes=40)
+    assert record.episode_digest == EpisodeSampler(split, EpisodeSpec(5, 1, 1)).digest(0, 20)
+    assert record.training_steps == 6 and record.run_id != trained.record.run_id
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3
+
+
+def _cli_test(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "metabench.cli", "test", "--algorithm", "maml", "--out-dir", str(tmp_path / "runs"),
+            "--records-dir", str(tmp_path / "records"), "--accelerator", "cpu"]
+    for item in TINY + ["trainer.max_steps=4"]:
+        args += ["--set", item]
+    return subprocess.run(args + list(extra), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_test_cli_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    out = _cli_test(tmp_path)
+    assert out.returncode == 2 and "no trained run to test" in out.stderr and "Traceback" not in out.stderr
+    run(tiny_config(tmp_path, "maml", steps=4), progress=False)
+    out = _cli_test(tmp_path, "--set", "algorithm.inner_lr=0.1")  # a training hyper-parameter
+    assert out.returncode == 2 and "may change only the test protocol" in out.stderr
+    assert "algorithm.inner_lr" in out.stderr
+    out = _cli_test(tmp_path, "--set", "episodes.queries=2", "--set", "algorithm.eval_steps=3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(list((tmp_path / "records").glob("*.json"))) == 2
+
+
+def test_test_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
+    from metabench.runner import test_run
+
+    result = run(tiny_config(tmp_path, "maml", steps=4), progress=False)
+    saved = result.run_dir / "config.json"  # as if the run had been planned for 8 steps and stopped at 4
+    saved.write_text(saved.read_text().replace('"max_steps": 4', '"max_steps": 8'))
+    with pytest.raises(ValueError, match="at step 4 of 8: training has not finished"):
+        test_run(tiny_config(tmp_path, "maml", steps=8))
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(tiny_config(tmp_path, "fomaml", steps=2), resume=True, progress=False)
+    assert "nothing to resume" in capsys.readouterr().err
