@@ -266,3 +266,16 @@ def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
             for algorithm, entry in entries.items():
                 assert algorithm in ALGORITHMS
                 assert set(entry) <= allowed, f"{benchmark}/{preset}/{algorithm}: {sorted(set(entry) - allowed)}"
+
+
+@pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
+def test_batch_norm_is_the_authors_codes(benchmark: str) -> None:
+    """MAML's code: tf.contrib.layers.batch_norm defaults (offset only, epsilon 1e-3), offsets not adapted in the
+    inner loop; Reptile's: tf.layers.batch_normalization defaults (scale and offset, epsilon 1e-3), all adapted."""
+    for algorithm in ("maml", "fomaml"):
+        config = resolve(benchmark, algorithm, "paper")
+        assert config.model.options["norm_scale"] is False and config.model.options["norm_eps"] == 0.001
+        assert config.algorithm.adapt_norm is False
+    reptile = resolve(benchmark, "reptile", "paper")
+    assert reptile.model.options["norm_eps"] == 0.001 and "norm_scale" not in reptile.model.options
+    assert reptile.algorithm.adapt_norm is True
