@@ -13,7 +13,10 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import ALGORITHMS as DEFAULT_ALGORITHMS
+from metabench.models.hparams import ALGORITHMS, INNER_ENGINES
+
+Subparsers = Any  # argparse's private _SubParsersAction
+META_LEARNERS = tuple(a for a in ALGORITHMS if a != "transfer")  # what bench speed times (learn2learn has no transfer)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -29,12 +32,20 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 def _load_split(args: argparse.Namespace, split: str):
     from metabench.datasets.registry import get_dataset
 
-    info = get_dataset(args.dataset)
-    return info.load(split, root=args.root, cache_dir=args.cache_dir, **_options(args.option)) \
-        if info.needs_root else info.load(split, **_options(args.option))
+    return get_dataset(args.dataset).load(split, root=args.root, cache_dir=args.cache_dir, **_options(args.option))
 
 
 # -- data ---------------------------------------------------------------------------------------------------
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    from metabench.datasets.registry import DATASETS
+
+    p.add_argument("dataset", help=", ".join(DATASETS))
+    p.add_argument("--root", help="dataset folder, or the data folder holding it (default: $METABENCH_DATA)")
+    p.add_argument("--cache-dir", help="writable cache folder (default: $METABENCH_CACHE or ~/.cache/metabench)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="reader option, e.g. scheme=maml for omniglot")
+
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import time
@@ -68,6 +79,24 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_data(sub: Subparsers) -> None:
+    data = sub.add_parser("data", help="prepare, verify or download datasets").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("prepare", help="decode splits once into the prepared cache")
+    _dataset_args(p)
+    p.add_argument("--split", action="append", help="repeatable; default: every split")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("verify", help="counts, sizes, checksums; exit 1 on problems")
+    p.add_argument("dataset")
+    p.add_argument("--root")
+    p.set_defaults(func=cmd_data_verify)
+    p = data.add_parser("download", help="download from the public source (checksummed, resumable)")
+    p.add_argument("dataset")
+    p.add_argument("--root", required=True)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_data_download)
+
+
 # -- episodes -----------------------------------------------------------------------------------------------
 
 def _sampler(args: argparse.Namespace):
@@ -92,7 +121,30 @@ def cmd_episodes_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- run ----------------------------------------------------------------------------------------------------
+def _episode_args(p: argparse.ArgumentParser) -> None:
+    _dataset_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed naming the fixed episodes")
+
+
+def add_episodes(sub: Subparsers) -> None:
+    episodes = sub.add_parser("episodes", help="fixed evaluation episodes").add_subparsers(
+        dest="episodes_command", required=True)
+    p = episodes.add_parser("digest", help="print the sha256 digest naming a fixed episode set")
+    _episode_args(p)
+    p.add_argument("--count", type=int, default=600)
+    p.set_defaults(func=cmd_episodes_digest)
+    p = episodes.add_parser("preview", help="draw one episode to a PNG grid")
+    _episode_args(p)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_episodes_preview)
+
+
+# -- run and test -------------------------------------------------------------------------------------------
 
 _FLAG_KEYS = (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
               ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
@@ -109,6 +161,24 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """What names a run and where it lives: shared by ``run`` and ``test``."""
+    p.add_argument("--benchmark", default="synthetic-5w1s")
+    p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
+                   help="repeatable; default: every algorithm of the benchmark's preset")
+    p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
+    p.add_argument("--data-root")
+    p.add_argument("--cache-dir")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--test-episodes", type=int)
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--records-dir")
+    p.add_argument("--out-dir", help="folder of the run folders (default: runs)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from metabench.config import preset_algorithms, resolve
     from metabench.report import print_comparison
@@ -119,6 +189,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
     print_comparison([r.record for r in results], [r.record_path for r in results])
     return 0
+
+
+def add_run(sub: Subparsers) -> None:
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, Reptile on synthetic glyphs)")
+    _run_args(p)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--logger", choices=("none", "csv", "wandb"))
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -135,6 +215,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     print_comparison([r.record for r in results], [r.record_path for r in results])
     return 0
 
+
+def add_test(sub: Subparsers) -> None:
+    p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
+                                    "--set episodes.queries=1) and write a second record, without retraining")
+    _run_args(p)
+    p.set_defaults(func=cmd_test)
+
+
+# -- bench --------------------------------------------------------------------------------------------------
 
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
     from metabench.episode_throughput import main as bench_main
@@ -154,6 +243,49 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def add_bench(sub: Subparsers) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("episodes", help="episode throughput from the prepared cache (episodes/s)")
+    p.add_argument("--root", help="data folder holding omniglot/ and mini-imagenet/")
+    p.add_argument("--cache-dir")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--out", default="results/speed/episodes.json")
+    p.set_defaults(func=cmd_bench_episodes)
+    p = bench.add_parser("steps", help="median meta-iteration time of each algorithm under a preset")
+    p.add_argument("--benchmark", default="omniglot-5w1s")
+    p.add_argument("--algorithm", action="append", choices=ALGORITHMS)
+    p.add_argument("--preset")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--out", default="results/speed/steps.json")
+    p.set_defaults(func=cmd_bench_steps)
+    _add_bench_speed(bench)
+
+
+def _add_bench_speed(bench: Subparsers) -> None:
+    p = bench.add_parser("speed", help="meta-iteration time, FLOP/s and peak memory per protocol x algorithm x "
+                         "engine, learn2learn included")
+    p.add_argument("--protocol", action="append", help="benchmark name, repeatable; default: omniglot-5w1s, "
+                   "omniglot-20w1s, mini-imagenet-5w1s, mini-imagenet-5w5s")
+    p.add_argument("--algorithm", action="append", choices=META_LEARNERS, help="repeatable; default: maml")
+    p.add_argument("--engine", action="append", choices=(*INNER_ENGINES, "learn2learn"),
+                   help="repeatable; default: all (vmap on CUDA only; learn2learn when installed)")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
+    p.add_argument("--task-chunk", type=int, help="also time the batched engine with the meta-gradient "
+                   "back-propagated this many tasks at a time (memory)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="all cells in this process (faster; CPU memory numbers then unreliable)")
+    p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
+    p.set_defaults(func=cmd_bench_speed)
+
+
+# -- leaderboard --------------------------------------------------------------------------------------------
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from metabench.leaderboard import make_leaderboard
 
@@ -169,131 +301,22 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
-# -- parser -------------------------------------------------------------------------------------------------
-
-def _dataset_args(p: argparse.ArgumentParser, with_root: bool = True) -> None:
-    p.add_argument("dataset", help="omniglot, mini-imagenet or synthetic-glyphs")
-    if with_root:
-        p.add_argument("--root", help="dataset folder, or the data folder holding it (default: $METABENCH_DATA)")
-        p.add_argument("--cache-dir", help="writable cache folder (default: $METABENCH_CACHE or ~/.cache/metabench)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="reader option, e.g. scheme=maml for omniglot")
-
-
-def _episode_args(p: argparse.ArgumentParser) -> None:
-    _dataset_args(p)
-    p.add_argument("--split", default="test")
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--queries", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed naming the fixed episodes")
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """What names a run and where it lives: shared by ``run`` and ``test``."""
-    p.add_argument("--benchmark", default="synthetic-5w1s")
-    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS,
-                   help="repeatable; default: every algorithm of the benchmark's preset")
-    p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
-    p.add_argument("--config", help="YAML file merged over the preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--test-episodes", type=int)
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, Reptile on synthetic glyphs)")
-    _run_args(p)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
-                                    "--set episodes.queries=1) and write a second record, without retraining")
-    _run_args(p)
-    p.set_defaults(func=cmd_test)
-
-    data = sub.add_parser("data", help="prepare, verify or download datasets").add_subparsers(
-        dest="data_command", required=True)
-    p = data.add_parser("prepare", help="decode splits once into the prepared cache")
-    _dataset_args(p)
-    p.add_argument("--split", action="append", help="repeatable; default: every split")
-    p.set_defaults(func=cmd_data_prepare)
-    p = data.add_parser("verify", help="counts, sizes, checksums; exit 1 on problems")
-    p.add_argument("dataset")
-    p.add_argument("--root")
-    p.set_defaults(func=cmd_data_verify)
-    p = data.add_parser("download", help="download from the public source (checksummed, resumable)")
-    p.add_argument("dataset")
-    p.add_argument("--root", required=True)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.set_defaults(func=cmd_data_download)
-
-    episodes = sub.add_parser("episodes", help="fixed evaluation episodes").add_subparsers(
-        dest="episodes_command", required=True)
-    p = episodes.add_parser("digest", help="print the sha256 digest naming a fixed episode set")
-    _episode_args(p)
-    p.add_argument("--count", type=int, default=600)
-    p.set_defaults(func=cmd_episodes_digest)
-    p = episodes.add_parser("preview", help="draw one episode to a PNG grid")
-    _episode_args(p)
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_episodes_preview)
-
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    p = bench.add_parser("episodes", help="episode throughput from the prepared cache (episodes/s)")
-    p.add_argument("--root", help="data folder holding omniglot/ and mini-imagenet/")
-    p.add_argument("--cache-dir")
-    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
-    p.add_argument("--out", default="results/speed/episodes.json")
-    p.set_defaults(func=cmd_bench_episodes)
-    p = bench.add_parser("steps", help="median meta-iteration time of each algorithm under a preset")
-    p.add_argument("--benchmark", default="omniglot-5w1s")
-    p.add_argument("--algorithm", action="append", choices=DEFAULT_ALGORITHMS)
-    p.add_argument("--preset")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--out", default="results/speed/steps.json")
-    p.set_defaults(func=cmd_bench_steps)
-    p = bench.add_parser("speed", help="meta-iteration time, FLOP/s and peak memory per protocol x algorithm x "
-                         "engine, learn2learn included")
-    p.add_argument("--protocol", action="append", help="benchmark name, repeatable; default: omniglot-5w1s, "
-                   "omniglot-20w1s, mini-imagenet-5w1s, mini-imagenet-5w5s")
-    p.add_argument("--algorithm", action="append", choices=("maml", "fomaml", "reptile"),
-                   help="repeatable; default: maml")
-    p.add_argument("--engine", action="append", choices=("batched", "vmap", "sequential", "learn2learn"),
-                   help="repeatable; default: all (vmap on CUDA only; learn2learn when installed)")
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
-    p.add_argument("--task-chunk", type=int, help="also time the batched engine with the meta-gradient "
-                   "back-propagated this many tasks at a time (memory)")
-    p.add_argument("--no-isolate", action="store_true",
-                   help="all cells in this process (faster; CPU memory numbers then unreliable)")
-    p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
-    p.set_defaults(func=cmd_bench_speed)
-
+def add_leaderboard(sub: Subparsers) -> None:
     p = sub.add_parser("leaderboard", help="records -> LEADERBOARD.md, leaderboard.csv, leaderboard.html; "
                                            "exit 1 if a record file was skipped")
     p.add_argument("--records", default="results/records", help="folder of run records (*.json)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--wandb", action="store_true", help="also log the table and the page to W&B")
     p.set_defaults(func=cmd_leaderboard)
+
+
+# -- parser -------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_run, add_test, add_data, add_episodes, add_bench, add_leaderboard):
+        add(sub)
     return parser
 
 

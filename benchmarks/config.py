@@ -68,7 +68,7 @@ class TrainerConfig:
     seed: int = 0
     max_time_minutes: float | None = None
     # CPU threads for torch (None: torch's default). On a 2-core machine shared with other jobs, OpenMP's
-    # spinning threads can slow small convolutions 20x; 1 thread is the robust choice there.
+    # spinning threads can slow small convolutions many-fold; 1 thread is the robust choice there.
     cpu_threads: int | None = None
 
 

@@ -21,19 +21,15 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import yaml
 
+from metabench.atomic import atomic_write_bytes
 from metabench.records import Record, RecordError, read_record
+from metabench.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
-Z95 = 1.96  # two-sided 95% normal quantile, as in records.mean_ci95
-ALPHA = 0.05  # significance level of the paired test
-NORMAL_MIN_N = 30  # paired t-test with the normal approximation from here; paired bootstrap below
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0  # fixed: the same records always give the same verdicts
 
 REPRODUCED, OVERLAP, BELOW, NO_PAPER = "reproduced", "CIs overlap", "below", "—"
 
@@ -52,10 +48,11 @@ METHODS_TEXT = (
     "episodes (mean over runs; recorded by `metabench run`): the gap to it is what meta-training bought.\n"
     f"- **Ranking**: on the reference episodes the best row has the highest mean. Every other row is compared "
     f"with it by a two-sided paired test on the per-episode (run-averaged) score differences at the "
-    f"{int(ALPHA * 100)}% level: a t-test with the normal approximation when n ≥ {NORMAL_MIN_N}, otherwise "
-    f"a paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, fixed seed, percentile interval of the mean "
-    f"difference). The best row and every row not significantly worse are **bold**; the p-value (or "
-    f"bootstrap interval) is in the *vs best* column.\n"
+    f"{int(ALPHA * 100)}% level: a paired t-test (exact Student t distribution, n − 1 degrees of freedom) "
+    f"when n ≥ {T_TEST_MIN_N}, otherwise a paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, fixed seed, "
+    f"percentile interval of the mean difference); a constant difference is tied only when it is zero. The "
+    f"best row and every row not significantly worse are **bold**; the p-value (or bootstrap interval) is in "
+    f"the *vs best* column.\n"
     "- **Verdict** against the paper: *reproduced* if our mean ≥ paper mean − paper CI (within or above the "
     "paper's interval); *CIs overlap* if the two 95% intervals overlap otherwise; *below* else; — without a "
     "published number. Δ paper = ours − paper in percentage points.\n"
@@ -242,72 +239,7 @@ def load_records(records_dir: str | Path) -> Loaded:
     return loaded
 
 
-# -- statistics ---------------------------------------------------------------------------------------------
-
-def _sample_var(values: Sequence[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = math.fsum(values) / n
-    return math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-
-
-def aggregate_runs(score_lists: Sequence[Sequence[float]]) -> tuple[float, float, list[float]]:
-    """Mean, 95% CI half-width and per-episode run-averaged scores of S runs on the same n episodes.
-
-    M = mean of the run means; CI = 1.96 * sqrt(s_x^2 / n + s_m^2 / S) with s_x^2 the sample variance of the
-    run-averaged episode scores and s_m^2 that of the run means (0 for one run). NaN CI for one episode.
-    """
-    if not score_lists:
-        raise ValueError("aggregate_runs needs at least one run")
-    n = len(score_lists[0])
-    if n == 0 or any(len(s) != n for s in score_lists):
-        raise ValueError("every run must have the same, non-zero number of episode scores")
-    runs = len(score_lists)
-    per_episode = [math.fsum(s[i] for s in score_lists) / runs for i in range(n)]
-    run_means = [math.fsum(s) / n for s in score_lists]
-    mean = math.fsum(run_means) / runs
-    if n < 2:
-        return mean, float("nan"), per_episode
-    ci = Z95 * math.sqrt(_sample_var(per_episode) / n + _sample_var(run_means) / runs)
-    return mean, ci, per_episode
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """Outcome of testing ``a`` (the best) against ``b`` on the same episodes."""
-
-    method: str  # "t" (normal approximation) or "bootstrap"
-    mean_difference: float  # mean of a_i - b_i
-    p_value: float | None  # two-sided, for the t-test
-    interval: tuple[float, float] | None  # 95% percentile interval of the mean difference, for the bootstrap
-    tied: bool  # equality not rejected at ALPHA
-
-
-def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:
-    """Two-sided paired test of equal means on per-episode scores (same episodes, same order).
-
-    n >= 30: t = mean(d) / (s_d / sqrt(n)) against the standard normal. n < 30: deterministic paired
-    bootstrap of the mean difference. Identical score vectors are always tied; a constant non-zero difference
-    never is.
-    """
-    if len(a) != len(b) or not a:
-        raise ValueError("paired_test needs two non-empty score lists of the same length")
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    n = d.size
-    mean = float(math.fsum(d.tolist()) / n)
-    if n >= NORMAL_MIN_N:
-        sd = math.sqrt(_sample_var(d.tolist()))
-        if sd == 0.0:
-            p = 1.0 if mean == 0.0 else 0.0
-        else:
-            p = math.erfc(abs(mean / (sd / math.sqrt(n))) / math.sqrt(2.0))
-        return PairedTest("t", mean, p, None, p >= ALPHA)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = d[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
-    low, high = (float(q) for q in np.quantile(means, [ALPHA / 2, 1 - ALPHA / 2]))
-    return PairedTest("bootstrap", mean, None, (low, high), low <= 0.0 <= high)
-
+# -- verdict against the paper ------------------------------------------------------------------------------
 
 def verdict(ours_pct: float, ours_ci_pct: float, paper: PaperResult | None) -> str:
     """reproduced / CIs overlap / below / — (see METHODS_TEXT); all in percent."""
@@ -398,7 +330,7 @@ class BenchmarkTable:
 
     @property
     def anchor(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", f"{self.benchmark}--{self.protocol}".lower()).strip("-")
+        return f"{self.benchmark}--" + re.sub(r"[^a-z0-9]+", "-", self.protocol.lower()).strip("-")
 
     @property
     def bn_mode(self) -> str:
@@ -641,8 +573,6 @@ class LeaderboardResult:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from metabench.datasets.cache import atomic_write_bytes
-
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

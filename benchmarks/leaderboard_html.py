@@ -171,6 +171,9 @@ def curve_chart(table: BenchmarkTable) -> str:
            f'height="{top + height + 40}" role="img" aria-label="{escape(table.title)}: validation vs time">',
            f'<text x="{left}" y="14">validation {escape(table.metric)} % vs training wall-clock (s)</text>',
            f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#a0aec0"/>']
+    clip = f"clip-{table.anchor}"  # lines (and their stroke width) stay inside the plot box
+    out.append(f'<clipPath id="{escape(clip)}"><rect x="{left}" y="{top}" width="{width}" height="{height}"/>'
+               f'</clipPath>')
     for t in _ticks(y_lo, y_hi):
         out.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
     for t in _ticks(0.0, x_hi):
@@ -182,7 +185,8 @@ def curve_chart(table: BenchmarkTable) -> str:
     for r, c in series:
         color = PALETTE[rows.index(r) % len(PALETTE)]
         points = " ".join(f"{px(p[1]):.1f},{py(100 * p[2]):.1f}" for p in c)
-        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.6"/>')
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.6" '
+                   f'clip-path="url(#{escape(clip)})"/>')
     for i, r in enumerate(rows):
         color = PALETTE[i % len(PALETTE)]
         name = f"{r.label} · {r.preset}" + ("" if r.digest == table.reference_digest else " (≠ episodes)")

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from metabench.datasets.cache import atomic_write_bytes
-from metabench.models.problems import mean_ci95
+from metabench.atomic import atomic_write_bytes
+from metabench.stats import mean_ci95
 
 SCHEMA_VERSION = 1
 

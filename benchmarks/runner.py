@@ -30,11 +30,12 @@ from metabench.config import ConfigError, RunConfig
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
-from metabench.datasets.registry import get_dataset
+from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
-from metabench.models.problems import Classification, Segmentation, mean_ci95
+from metabench.models.problems import Classification, Segmentation
 from metabench.records import Record, git_commit, versions, write_record
+from metabench.stats import mean_ci95
 
 
 @dataclass
@@ -90,17 +91,15 @@ class _Curve(Callback):
 
 
 def task_of(config: RunConfig) -> str:
-    """"classification" or "segmentation": what the benchmark's dataset is labelled for."""
-    return getattr(get_dataset(config.data.name), "task", "classification")
+    """CLASSIFICATION or SEGMENTATION: what the benchmark's dataset is labelled for (the one source of it)."""
+    return get_dataset(config.data.name).task
 
 
 def build_datamodule(config: RunConfig, device: torch.device | None = None,
                      load_split: Callable[[str], ImageSplit] | None = None) -> EpisodicDataModule:
     """The benchmark's episodes: splits from the dataset registry (or ``load_split``), fixed evaluation episodes."""
-    info = get_dataset(config.data.name)
-    load = load_split or functools.partial(info.load, root=config.data.root, cache_dir=config.data.cache_dir,
-                             **config.data.options) if info.needs_root else functools.partial(
-        info.load, **config.data.options)
+    load = load_split or functools.partial(get_dataset(config.data.name).load, root=config.data.root,
+                                           cache_dir=config.data.cache_dir, **config.data.options)
     ep = config.episodes
     spec = EpisodeSpec(ep.ways, ep.shots, ep.queries)
     train_spec = EpisodeSpec(ep.ways, ep.train_shots or ep.shots, ep.train_queries or ep.queries)
@@ -117,18 +116,15 @@ def build_module(config: RunConfig, datamodule: EpisodicDataModule) -> MetaLearn
     # Classification backbones output ``ways`` logits; segmentation networks ``ways + 1`` per pixel (background).
     backbone = build_backbone(config.model.backbone, channels, config.episodes.ways, height,
                               **config.model.options)
-    if getattr(backbone, "task", "classification") != task:
-        raise ConfigError(f"model.backbone {config.model.backbone!r} is a "
-                          f"{getattr(backbone, 'task', 'classification')} network but {config.data.name!r} is a "
-                          f"{task} dataset (segmentation uses conv4-seg)")
-    if config.algorithm.name == "transfer" and (task != "segmentation" or config.episodes.ways != 1):
-        raise ConfigError(f"algorithm transfer needs class-agnostic labels (1-way segmentation); "
-                          f"{config.benchmark} is {config.episodes.ways}-way {task}")
-    problem = (Segmentation(dice_weight=config.algorithm.dice_weight) if task == "segmentation"
+    network_task = getattr(backbone, "task", CLASSIFICATION)
+    if network_task != task:
+        raise ConfigError(f"model.backbone {config.model.backbone!r} is a {network_task} network but "
+                          f"{config.data.name!r} is a {task} dataset (segmentation uses conv4-seg)")
+    problem = (Segmentation(dice_weight=config.algorithm.dice_weight) if task == SEGMENTATION
                else Classification(invert=config.model.invert))
     try:
         return build_algorithm(backbone, problem, config.algorithm, config.trainer.max_steps)
-    except ValueError as error:  # e.g. an algorithm.adapt prefix that names no parameter
+    except ValueError as error:  # e.g. an algorithm.adapt prefix that names no parameter, transfer on N-way
         raise ConfigError(f"{config.benchmark}/{config.algorithm.name}: {error}") from error
 
 

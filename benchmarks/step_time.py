@@ -4,6 +4,10 @@ Runs the real Lightning module and optimizer for a few steps on random images of
 dataset is needed) and reports the median time of a training step (forward, inner loop, meta-gradient,
 optimizer), episode gathering excluded. Numbers from one run are comparable with each other only.
 
+The engine is resolved exactly as in a run: the preset's ``algorithm.engine``; under ``auto`` the module times
+its candidates on its first training step and keeps the fastest. That first step (the probe) is never timed, and
+the engine printed is the module's after training, with the probe's seconds per candidate.
+
     metabench bench steps --benchmark omniglot-5w1s --steps 10
 """
 
@@ -18,67 +22,58 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from metabench.config import preset_algorithms, resolve
-from metabench.runner import build_datamodule, build_module, device_name, pick_device, quiet_lightning
-from metabench.speed import IMAGE_SHAPES, random_split
-
-
-class _StepTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def _sync(self, module: L.LightningModule) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync(pl_module)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(pl_module)
-        self.times.append(time.perf_counter() - self._start)
+from metabench.records import git_commit
+from metabench.runner import build_module, device_name, pick_device
+from metabench.speed import StepTimer, fit_for_timing, quiet, stand_in_datamodule
 
 
 def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, warmup: int,
                accelerator: str) -> dict:
+    """Median seconds of ``steps`` training steps of ``algorithm`` under ``preset`` after ``warmup`` steps (at
+    least one under ``engine: auto``: the probe step); ``engine`` is the one the module ran."""
+    quiet()
     config = resolve(benchmark, algorithm, preset)
     device = pick_device(accelerator)
-    ep = config.episodes
-    split = random_split(IMAGE_SHAPES[config.data.name],
-                         per_class=max(20, (ep.train_shots or ep.shots) + (ep.train_queries or ep.queries)))
-    datamodule = build_datamodule(config, device, load_split=lambda _name: split)
-    L.seed_everything(0, verbose=False)
+    if config.trainer.cpu_threads is not None:  # as runner._prepare: threads, seed, data, module
+        torch.set_num_threads(config.trainer.cpu_threads)
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    datamodule = stand_in_datamodule(config, device)
     module = build_module(config, datamodule)
-    timer = _StepTimer()
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        max_steps=warmup + steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                        callbacks=[timer])
-    trainer.fit(module, datamodule=datamodule)
-    measured = timer.times[warmup:]
-    return {"benchmark": benchmark, "algorithm": algorithm, "preset": config.preset, "engine": module.engine,
+    skip = max(warmup, 1) if config.algorithm.engine == "auto" else warmup  # the probe step times every candidate
+    timer = StepTimer()
+    fit_for_timing(module, datamodule, device, skip + steps, [timer])
+    measured = timer.step_seconds[skip:]
+    return {"benchmark": benchmark, "algorithm": algorithm, "preset": config.preset,
+            "configured_engine": config.algorithm.engine, "engine": module.engine,
+            "engine_timings": dict(module.engine_timings),
             "meta_batch": config.algorithm.meta_batch, "inner_steps": config.algorithm.inner_steps,
-            "steps_timed": len(measured), "median_s": statistics.median(measured), "min_s": min(measured),
-            "device": device_name(device)}
+            "warmup": skip, "steps_timed": len(measured), "median_s": statistics.median(measured),
+            "min_s": min(measured), "device": device_name(device)}
+
+
+def describe(row: dict) -> str:
+    """One line: the engine the module ran (and, under ``auto``, what its probe measured) and the median."""
+    engine = row["engine"]
+    if row["configured_engine"] == "auto":
+        probe = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in row["engine_timings"].items())
+        engine = f"{engine} (auto; first step: {probe or 'one candidate, not timed'})"
+    return (f"{row['benchmark']} {row['algorithm']} ({row['preset']}, engine {engine}, meta-batch "
+            f"{row['meta_batch']}, {row['inner_steps']} inner steps): median {1000 * row['median_s']:.0f} "
+            f"ms/iteration over {row['steps_timed']} steps on {row['device']}")
 
 
 def main(args: argparse.Namespace) -> int:
-    quiet_lightning()
     rows = []
     for algorithm in args.algorithm or preset_algorithms(args.benchmark, args.preset):
         row = time_steps(args.benchmark, algorithm, args.preset, args.steps, args.warmup, args.accelerator)
         rows.append(row)
-        print(f"{row['benchmark']} {row['algorithm']} ({row['preset']}, engine {row['engine']}, "
-              f"meta-batch {row['meta_batch']}, {row['inner_steps']} inner steps): median "
-              f"{1000 * row['median_s']:.0f} ms/iteration over {row['steps_timed']} steps on {row['device']}")
+        print(describe(row))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "step-time", "machine": platform.machine(), "torch": torch.__version__,
-                               "threads": torch.get_num_threads(),
+                               "threads": torch.get_num_threads(), "git_commit": git_commit(),
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows},
                               indent=1) + "\n")
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Prepared caches: a dataset decoded once into a uint8 ``.npy`` file (memory-mapped on load) plus JSON metadata.
 
 The cache key is a hash of the source files' contents and of the preprocessing parameters, so a changed file
-or a changed resampling never serves stale images. Hashing a 156 MB archive on every load would cost ~0.3 s,
+or a changed resampling never serves stale images. Hashing a large archive on every load would cost time,
 so file digests are memoized by (path, size, mtime) in the cache folder; folders of loose files are keyed
 by a listing of (path, size, mtime) rather than by reading every file.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from metabench.atomic import atomic_write, atomic_write_bytes
 from metabench.datasets.base import DatasetError
 
 CACHE_FORMAT = 1  # bump when the on-disk layout of prepared caches changes
@@ -67,26 +66,6 @@ def sources_fingerprint(sources: Iterable[Path], memo_dir: Path | None = None) -
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a torn one.
-
-    ``durable`` also fsyncs before the rename (records); memo files can skip it and be recomputed if lost.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a shared cache or results folder must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cache_key(name: str, sources: Iterable[Path], params: Mapping[str, Any], memo_dir: Path | None) -> str:
     """The key naming a prepared cache: dataset name, cache format, preprocessing params and source contents."""
     payload = json.dumps({"name": name, "format": CACHE_FORMAT, "params": params,
@@ -124,16 +103,7 @@ def load_or_prepare(name: str, sources: Iterable[Path], params: Mapping[str, Any
 
 def _save_array(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temporary file and a rename, so a crash never leaves a torn array."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array)), durable=False)
 
 
 def files_manifest(dataset: str, root: Path, files: Sequence[Path], cache: Path) -> Path:

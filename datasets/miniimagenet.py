@@ -499,25 +499,35 @@ def verify_mini_imagenet(root: str | os.PathLike[str] | None = None) -> dict[str
         except DatasetError as exc:
             problems.append(str(exc))
             continue
-        counts, sizes = facts.counts, facts.sizes
-        classes_of[split], files_of[split] = set(counts), set(facts.files)
-        digest = hashlib.sha256("\n".join(sorted(counts)).encode()).hexdigest()
-        report["splits"][split] = {
-            "classes": len(counts), "images": sum(counts.values()),
+        classes_of[split], files_of[split] = set(facts.counts), set(facts.files)
+        report["splits"][split] = _check_split(split, facts.counts, facts.sizes, problems)
+    _check_disjoint(classes_of, files_of, problems)
+    report["sha256"] = {p.name: file_sha256(p) for p in _named_files(data_root, layout) if p.is_file()}
+    return report
+
+
+def _check_split(split: str, counts: dict[str, int], sizes: dict[str, int], problems: list[str]) -> dict[str, Any]:
+    """One split's summary; appends to ``problems`` what differs from Ravi & Larochelle's split."""
+    digest = hashlib.sha256("\n".join(sorted(counts)).encode()).hexdigest()
+    if len(counts) != EXPECTED_CLASSES[split]:
+        problems.append(f"{split}: {len(counts)} classes, expected {EXPECTED_CLASSES[split]}")
+    odd = {wnid: n for wnid, n in sorted(counts.items()) if n != IMAGES_PER_CLASS}
+    if odd:
+        wnid, n = next(iter(odd.items()))
+        problems.append(f"{split}: {len(odd)} classes do not have {IMAGES_PER_CLASS} images (e.g. {wnid}: {n})")
+    other = {k: v for k, v in sizes.items() if k != f"{IMAGE_SIZE}x{IMAGE_SIZE}"}
+    if other:
+        problems.append(f"{split}: {sum(other.values())} images are not {IMAGE_SIZE}x{IMAGE_SIZE} ({other}); "
+                        f"loading resizes them with BICUBIC")
+    if digest != RAVI_CLASS_DIGESTS[split]:
+        problems.append(f"{split}: the classes differ from Ravi & Larochelle's {split} split")
+    return {"classes": len(counts), "images": sum(counts.values()),
             "images_per_class": {"min": min(counts.values()), "max": max(counts.values())},
             "image_sizes": sizes, "ravi_classes": digest == RAVI_CLASS_DIGESTS[split]}
-        if len(counts) != EXPECTED_CLASSES[split]:
-            problems.append(f"{split}: {len(counts)} classes, expected {EXPECTED_CLASSES[split]}")
-        odd = {wnid: n for wnid, n in sorted(counts.items()) if n != IMAGES_PER_CLASS}
-        if odd:
-            wnid, n = next(iter(odd.items()))
-            problems.append(f"{split}: {len(odd)} classes do not have {IMAGES_PER_CLASS} images (e.g. {wnid}: {n})")
-        other = {k: v for k, v in sizes.items() if k != f"{IMAGE_SIZE}x{IMAGE_SIZE}"}
-        if other:
-            problems.append(f"{split}: {sum(other.values())} images are not {IMAGE_SIZE}x{IMAGE_SIZE} ({other}); "
-                            f"loading resizes them with BICUBIC")
-        if digest != RAVI_CLASS_DIGESTS[split]:
-            problems.append(f"{split}: the classes differ from Ravi & Larochelle's {split} split")
+
+
+def _check_disjoint(classes_of: dict[str, set[str]], files_of: dict[str, set[str]], problems: list[str]) -> None:
+    """Appends a problem for every pair of splits sharing classes or image files."""
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1:]:
             shared = classes_of.get(a, set()) & classes_of.get(b, set())
@@ -526,11 +536,13 @@ def verify_mini_imagenet(root: str | os.PathLike[str] | None = None) -> dict[str
             files = files_of.get(a, set()) & files_of.get(b, set())
             if files:
                 problems.append(f"{a} and {b} share {len(files)} image files, e.g. {sorted(files)[0]}")
+
+
+def _named_files(data_root: Path, layout: str) -> list[Path]:
+    """The files whose sha256 the report lists (per-image digests of a folder layout would be noise; the
+    prepared cache fingerprints those anyway)."""
     if layout == "ravi":
-        named = [data_root / f"{s}.csv" for s in SPLITS] + [data_root / "images.zip"]
-    elif layout == "learn2learn":
-        named = [_l2l_path(data_root, s) for s in SPLITS]
-    else:
-        named = []  # one digest per image file would be noise; the prepared cache fingerprints them anyway
-    report["sha256"] = {p.name: file_sha256(p) for p in named if p.is_file()}
-    return report
+        return [data_root / f"{s}.csv" for s in SPLITS] + [data_root / "images.zip"]
+    if layout == "learn2learn":
+        return [_l2l_path(data_root, s) for s in SPLITS]
+    return []

@@ -320,7 +320,7 @@ def _build_split(name: str, prepared: Prepared, characters: Sequence[str], rotat
     stacked = np.empty((len(char_rows), len(rotations), *chosen.shape[1:]), dtype=np.uint8)
     for r, deg in enumerate(rotations):
         # np.rot90 over (H, W) equals torch.rot90(dims=(-2, -1)), counter-clockwise; its strided copy into the
-        # preallocated array is ~3x faster than torch's for uint8 (tests check equality with torch.rot90).
+        # preallocated array is faster than torch's for uint8 (tests check equality with torch.rot90).
         stacked[:, r] = np.rot90(chosen, k=deg // 90, axes=(-2, -1))
     stacked = torch.from_numpy(stacked)  # [characters, rotations, drawings, C, H, W]: (character, rotation) order
     images = stacked.view(-1, channels, height, width)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metabench.datasets.base import DATA_ENV, DatasetError, ImageSplit, resolve_cache_dir, resolve_data_root
+from metabench.datasets.base import (DATA_ENV, MASK_IGNORE, DatasetError, ImageSplit, resolve_cache_dir,
+                                     resolve_data_root)
 from metabench.datasets.cache import Prepared, files_manifest, load_or_prepare
 from metabench.datasets.fss import check_image_size, decode_workers, resize_pair
 
@@ -48,7 +49,6 @@ SPLITS = ("train", "val", "test")
 FOLDS = (0, 1, 2, 3)
 VAL_MODES = ("base", "novel")
 READER_VERSION = 1  # bump when decoding or resampling changes, so prepared caches are rebuilt
-IGNORE = 255
 
 
 def fold_classes(fold: int) -> tuple[int, ...]:
@@ -175,7 +175,7 @@ def _build(voc: Path, rows: Sequence[tuple[str, int]], size: int) -> Prepared:
     for r, (image_id, cls) in enumerate(rows):
         pixels, labels = decoded[image_id]
         images[r] = pixels
-        masks[r] = np.where(labels == cls, 1, np.where(labels == IGNORE, IGNORE, 0))
+        masks[r] = np.where(labels == cls, 1, np.where(labels == MASK_IGNORE, MASK_IGNORE, 0))
     classes = sorted({cls for _, cls in rows})
     counts = [sum(1 for _, c in rows if c == cls) for cls in classes]
     meta = {"class_ids": classes, "offsets": [0, *np.cumsum(counts).tolist()],
@@ -261,7 +261,7 @@ def _check_pair(voc: Path, image_id: str, problems: list[str]) -> tuple[tuple[in
     if size != (labels.shape[1], labels.shape[0]):
         problems.append(f"{image_path}: image is {size}, its label map {labels.shape[::-1]}")
     values = frozenset(int(v) for v in np.unique(labels))
-    bad = sorted(v for v in values if v > 20 and v != IGNORE)
+    bad = sorted(v for v in values if v > 20 and v != MASK_IGNORE)
     if bad:
-        problems.append(f"{image_id}: label map holds values {bad} outside 0..20 and {IGNORE}")
+        problems.append(f"{image_id}: label map holds values {bad} outside 0..20 and {MASK_IGNORE}")
     return size, values

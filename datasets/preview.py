@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from metabench.datasets.base import MASK_IGNORE
 from metabench.datasets.episodes import EpisodeIndices, EpisodeSampler
 
 
@@ -36,7 +37,7 @@ def episode_grid(sampler: EpisodeSampler, indices: EpisodeIndices, episode: int 
                 continue
             mask = masks[row]
             batch[tile] = torch.where(mask == 1, 0.5 * batch[tile] + 0.5 * red, batch[tile])
-            batch[tile] = torch.where(mask == 255, torch.full_like(batch[tile], 0.5), batch[tile])
+            batch[tile] = torch.where(mask == MASK_IGNORE, torch.full_like(batch[tile], 0.5), batch[tile])
     return make_grid(batch, nrow=spec.shots + 1 + spec.queries, padding=2, pad_value=0.5)
 
 

@@ -178,8 +178,7 @@ def make_segmentation(split: str, seed: int = 0, num_classes: int | None = None,
         images_per_class: instances per class (default 20).
         image_size: side of the square images (default 64).
         cache_dir: if given, keep the generated split in a prepared cache there; by default it is generated in
-            memory (5-12 ms per 64x64 image on a busy 2-core machine: 10-25 s for the default train split;
-            pass cache_dir to generate once).
+            memory (seconds for the default train split on a small CPU; pass cache_dir to generate once).
 
     Raises:
         DatasetError: unknown split, negative seed, or a non-positive count or too small a size.

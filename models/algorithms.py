@@ -33,7 +33,8 @@ from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choos
                                          engine_candidates, functional_loss, meta_backward, meta_loss,
                                          non_transductive_outputs,
                                          task_outputs)
-from metabench.models.problems import Classification, Segmentation, mean_ci95
+from metabench.models.problems import Classification, Segmentation
+from metabench.stats import mean_ci95
 
 Problem = Classification | Segmentation
 
@@ -119,10 +120,6 @@ class MetaLearner(L.LightningModule):
                 f"{self.config.name}: meta-loss is {loss.item()} at step {self.global_step}; training stopped, "
                 "the last good checkpoint is kept (lower the learning rates or check the data)")
 
-    def evaluate(self, batch: MetaBatch) -> torch.Tensor:
-        """Adapt on each episode's support set with the evaluation steps; per-episode query scores ``[T]``."""
-        return self.problem.episode_scores(self.evaluate_outputs(batch), batch.query_y)
-
     def evaluate_outputs(self, batch: MetaBatch) -> torch.Tensor:
         """Query outputs ``[T, m, ...]`` after adapting on each episode's support set (evaluation steps)."""
         engine = self._resolve_engine()
@@ -176,6 +173,7 @@ class MetaLearner(L.LightningModule):
         self.test_scores, self.test_metrics = self._close_eval("test")
 
     def _log_train(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Log the problem's plain mean loss (``loss`` must be that) and score of the query outputs."""
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log(f"train/{self.problem.metric_name}", self.problem.episode_scores(outputs, targets).mean(),
                  prog_bar=True)
@@ -209,7 +207,7 @@ class MAML(MetaLearner):
         if self.automatic_optimization:
             loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine)
             self._check_finite(loss)
-            self._log_train(loss, outputs, qy)
+            self._log_train(loss / self.config.inner_loss_scale, outputs, qy)  # comparable across algorithms
             return loss
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -217,7 +215,7 @@ class MAML(MetaLearner):
                                       self.config.task_chunk)
         self._check_finite(loss)  # before the step: a diverged meta-gradient never reaches the parameters
         optimizer.step()
-        self._log_train(loss, outputs, qy)
+        self._log_train(loss / self.config.inner_loss_scale, outputs, qy)
         return None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -277,7 +275,7 @@ class Reptile(MetaLearner):
 class Transfer(MetaLearner):
     """The fine-tuning baseline: pre-train the initialization by plain supervised learning on the training
     classes, then fine-tune on each test episode's support set with the same evaluation steps as the
-    meta-learners (``MetaLearner.evaluate``).
+    meta-learners (``MetaLearner.evaluate_outputs``).
 
     A training step is one Adam step (``meta_lr``) on the problem's loss over every support and query image of
     the meta-batch (all tasks in one batch). Episode labels must mean the same thing in every episode, i.e.
@@ -289,15 +287,13 @@ class Transfer(MetaLearner):
         if not isinstance(problem, Segmentation):
             raise ValueError("transfer needs class-agnostic labels: it is defined for 1-way segmentation only, "
                              f"not for {type(problem).__name__.lower()} (episode labels are re-drawn per episode)")
-        if getattr(backbone, "ways", 1) != 1:
+        if getattr(backbone, "ways", 1) != 1:  # the network is built for the episodes' ways
             raise ValueError(f"transfer needs 1-way episodes (class-agnostic foreground), the network has "
                              f"{backbone.ways} ways")
         super().__init__(backbone, problem, config, max_steps)
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor:
         sx, sy, qx, qy = self._inputs(batch)
-        if batch.classes.shape[1] != 1:
-            raise ValueError(f"transfer needs 1-way episodes, got {batch.classes.shape[1]}-way")
         x = torch.cat([sx, qx], dim=1)  # [T, n + m, C, H, W]
         y = torch.cat([sy, qy], dim=1)
         outputs = self.backbone(x.flatten(0, 1))

@@ -150,8 +150,6 @@ def _batched_layer(layer: nn.Module, name: str, params: dict[str, torch.Tensor],
         return F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), layer.stride, layer.padding,
                         layer.dilation, groups=tasks)
     if isinstance(layer, BatchNorm2d):
-        # Native batch norm with batch statistics: exact to second order outside vmap (checked in float64 by
-        # tests/test_engines.py) and fused, 1.3x faster per meta-step on CPU than the plain-op formula.
         return _batched_norm(layer, name, params, h)
     if isinstance(layer, nn.Flatten):  # [n, T*C, a, b] -> [n, T, C*a*b]: each task's slice flattened as forward does
         return h.reshape(h.shape[0], tasks, -1)
@@ -164,7 +162,7 @@ def _batched_norm(layer: BatchNorm2d, name: str, params: dict[str, torch.Tensor]
     """Per-task batch norm on task-stacked features (``[n, T*C, ...]``): statistics over every dim but 1.
 
     Native batch norm with batch statistics: exact to second order outside vmap (checked in float64 by
-    tests/test_engines.py) and fused, 1.3x faster per meta-step on CPU than the plain-op formula.
+    tests/test_engines.py) and fused: faster per meta-step on CPU than the plain-op formula (benchmarks/README.md).
     """
     bias = params[f"{name}.bias"].reshape(-1)
     weight = params.get(f"{name}.weight")
@@ -249,7 +247,7 @@ def _batched_linear(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -
 
     Computed as ``(W h^T)^T`` so that the gradient w.r.t. ``weight`` comes out contiguous in ``[T, out, in]``:
     with ``h W^T`` it is a transposed view, and summing that over the task dim (the backward of the shared
-    parameters' expansion) was 25x slower on CPU (29 ms vs 1.1 ms for the 784x256 layer, 32 tasks).
+    parameters' expansion) is many times slower on CPU (benchmarks/README.md, "MAML without convolutions").
     """
     return torch.baddbmm(bias.unsqueeze(2), weight, h.transpose(1, 2)).transpose(1, 2)
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 # "transfer" is the fine-tuning baseline (supervised pre-training, then the same test-time adaptation);
 # it is defined for class-agnostic labels only (1-way segmentation).
+# The one home of these lists: the inner loop, the CLI and the benchmarks import them from here.
 ALGORITHMS = ("maml", "fomaml", "reptile", "transfer")
 BN_MODES = ("transductive", "non-transductive")
-ENGINES = ("auto", "vmap", "sequential", "batched")
+INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
+ENGINES = ("auto", *INNER_ENGINES)  # algorithm.engine: "auto" times INNER_ENGINES' candidates on the first step
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 

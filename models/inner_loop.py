@@ -27,10 +27,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from metabench.models.hparams import INNER_ENGINES, INNER_OPTIMIZERS
+
 Params = dict[str, Tensor]
 TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]  # (params, x, y) -> scalar loss of ONE task
-ENGINES = ("vmap", "sequential", "batched")
-OPTIMIZERS = ("sgd", "adam")
+ENGINES = INNER_ENGINES
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class InnerConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"InnerConfig.steps must be >= 0, got {self.steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown inner optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {self.optimizer!r}; known: {', '.join(INNER_OPTIMIZERS)}")
 
 
 class FunctionalLoss:
@@ -270,10 +271,8 @@ def default_engine(device: torch.device | str) -> str:
     """The fallback engine for "auto" when nothing has been timed yet: "vmap" on CUDA, "sequential" on CPU.
 
     "auto" in the Lightning modules times :func:`engine_candidates` on the first training step
-    (:func:`choose_engine`) because the winner depends on the protocol: on CPU (2-core x86-64, 1 thread, busy
-    machine, ``metabench bench speed``) MAML Omniglot 5w1s: batched 0.51 s, learn2learn 0.77 s, sequential
-    1.61 s; Omniglot 20w1s (5 steps): batched 5.2 s, learn2learn 6.8 s, sequential 7.6 s; mini-ImageNet: see
-    benchmarks/README.md. CUDA (H100, earlier measurement): vmap 40 ms vs sequential 750 ms.
+    (:func:`choose_engine`) because the winner depends on the protocol as well as the device (measurements:
+    benchmarks/README.md).
     """
     return "vmap" if torch.device(device).type == "cuda" else "sequential"
 
@@ -282,9 +281,8 @@ def engine_candidates(device: torch.device | str, model: nn.Module | None = None
     """The engines worth timing on ``device`` for ``model`` (what ``engine: auto`` chooses among).
 
     CPU: "batched" (when ``model`` has a ``batched_forward``) and "sequential" -- which one wins depends on the
-    protocol (measured: batched 1.5-1.8x faster on Omniglot 5w1s MAML, on par on 20w1s with 5 steps). vmap is
-    left out on CPU (1.9x slower than sequential). CUDA: "vmap" and "batched"; the sequential loop is ~20x
-    slower there (H100: 750 ms vs 40 ms per Omniglot 5w1s MAML iteration).
+    protocol. vmap is left out on CPU, where it was slower than sequential on Conv4. CUDA: "vmap" and "batched";
+    the sequential loop is far slower there. The measurements are in benchmarks/README.md.
     """
     batched = ("batched",) if model is None or supports_batched(model) else ()
     if torch.device(device).type == "cuda":

@@ -6,12 +6,12 @@ and segmentation.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from metabench.datasets.base import MASK_IGNORE
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class Classification:
     metric_name = "accuracy"
 
 
-IGNORE_INDEX = 255  # mask value of pixels that count nowhere (object borders, void regions)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Segmentation:
     """Few-shot semantic segmentation: per-pixel cross-entropy (+ optional Dice), per-episode foreground IoU.
 
     Targets are int64 masks ``[..., H, W]``: 0 background, ``l + 1`` on the foreground of episode label ``l``,
-    :data:`IGNORE_INDEX` where nothing is scored; outputs are logits ``[..., ways + 1, H, W]``.
+    :data:`MASK_IGNORE` where nothing is scored; outputs are logits ``[..., ways + 1, H, W]``.
 
     Everything is written with plain tensor ops (no ``ignore_index`` kernels), so the loss is exact under
     ``torch.func.vmap`` and differentiable twice (second-order MAML).
@@ -75,7 +74,7 @@ class Segmentation:
 
         ``outputs`` ``[B, C, H, W]``, ``targets`` ``[B, H, W]``. With no valid pixel at all the loss is 0.
         """
-        valid = targets != IGNORE_INDEX
+        valid = targets != MASK_IGNORE
         safe = torch.where(valid, targets, torch.zeros_like(targets))  # any in-range label; masked out below
         log_probs = outputs.log_softmax(dim=1)
         picked = log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
@@ -121,11 +120,11 @@ def episode_counts(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
     ``outputs`` ``[T, m, C, H, W]`` logits (prediction = argmax over C), ``targets`` ``[T, m, H, W]``.
     Returns float64 ``[T, C, 2]``: ``[..., 0]`` intersection, ``[..., 1]`` union; label 0 is background.
-    Pixels labelled :data:`IGNORE_INDEX` count in neither (whatever is predicted there).
+    Pixels labelled :data:`MASK_IGNORE` count in neither (whatever is predicted there).
     """
     channels = outputs.shape[2]
     pred = outputs.argmax(dim=2)
-    valid = targets != IGNORE_INDEX
+    valid = targets != MASK_IGNORE
     labels = torch.arange(channels, device=targets.device).view(1, -1, 1, 1, 1)
     p = (pred.unsqueeze(1) == labels) & valid.unsqueeze(1)  # [T, C, m, H, W]
     t = targets.unsqueeze(1) == labels  # ignored pixels (255) match no label
@@ -167,19 +166,3 @@ def fb_iou(stats: torch.Tensor) -> float:
     fg = stats[:, 1:].sum(dim=(0, 1))
     bg = stats[:, 0].sum(dim=0)
     return float((iou(fg[0], fg[1]) + iou(bg[0], bg[1])) / 2)
-
-
-def mean_ci95(scores: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% CI half-width ``1.96 * s / sqrt(n)``, ``s`` the sample standard deviation (n - 1).
-
-    The normal approximation is what few-shot papers report; with 600 episodes it is within 0.3% of the
-    t-interval. One score has no spread: its CI is NaN.
-    """
-    n = len(scores)
-    if n == 0:
-        raise ValueError("mean_ci95 needs at least one score")
-    mean = math.fsum(scores) / n
-    if n < 2:
-        return mean, float("nan")
-    var = math.fsum((s - mean) ** 2 for s in scores) / (n - 1)
-    return mean, 1.96 * math.sqrt(var) / math.sqrt(n)

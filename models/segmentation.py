@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metabench.datasets.registry import SEGMENTATION
 from metabench.models.backbones import BatchNorm2d
 
 DEPTH = 4  # encoder blocks; the decoder has DEPTH - 1 (one per skip connection)
@@ -49,7 +50,7 @@ class ConvSeg(nn.Module):
     Init: Xavier-uniform convolutions with zero bias (as ``Conv4``), batch-norm weight 1 and bias 0.
     """
 
-    task = "segmentation"  # the runner checks that a segmentation benchmark got a dense network
+    task = SEGMENTATION  # the runner checks that a segmentation benchmark got a dense network
 
     def __init__(self, in_channels: int, ways: int, image_size: int, hidden: int = 32) -> None:
         super().__init__()

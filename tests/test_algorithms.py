@@ -5,28 +5,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from metabench.config import resolve
 from metabench.models.inner_loop import adapt_tasks, reptile_update
-from metabench.runner import build_datamodule, build_module, quiet_lightning
+from metabench.runner import build_datamodule, build_module
+from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step
 
-TINY = ["data.options.num_classes=20", "model.options.hidden=4", "algorithm.meta_batch=3"]
-
-
-def _first_batch(dm):
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([dm.seed, 0])))
-    return dm.train_sampler.gather(dm.train_sampler.sample(rng, dm.meta_batch))
-
-
-def _one_step(module, dm) -> None:
-    quiet_lightning()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, accelerator="cpu")
-    trainer.fit(module, datamodule=dm)
+TINY = TINY_GLYPHS + ["algorithm.meta_batch=3"]
 
 
 @pytest.mark.parametrize("inner_batch", [None, 10])
@@ -35,14 +23,14 @@ def test_reptile_step_equals_hand_update(tmp_path: Path, inner_batch) -> None:
     dm = build_datamodule(config, torch.device("cpu"))
     module = build_module(config, dm)
     theta = {k: v.detach().clone() for k, v in module.params().items()}
-    batch = _first_batch(dm)
+    batch = first_meta_batch(dm)
     sx, sy = module.problem.inputs(batch.support_x), batch.support_y
     inner = module.inner_config(True)
     if inner_batch:
         sx, sy = module.inner_minibatches(sx, sy)  # global_step 0: the same minibatches as the step
         inner = dataclasses.replace(inner, per_step_batches=True)
         assert sx.shape[:3] == (3, config.algorithm.inner_steps, inner_batch)
-    _one_step(module, dm)  # engine "auto": the step picks (and keeps) the fastest engine
+    fit_one_step(module, dm)  # engine "auto": the step picks (and keeps) the fastest engine
     # the reference runs the engine the step ran: engines differ by ~1e-5 in fp32 (conv biases right before
     # batch norm, whose true gradient is 0, pick up rounding noise of different sizes)
     assert module.engine in ("batched", "sequential")
@@ -75,9 +63,9 @@ def test_maml_step_uses_meta_loss_gradient(algorithm: str) -> None:
     config = resolve("synthetic-5w1s", algorithm, overrides=TINY)
     dm = build_datamodule(config, torch.device("cpu"))
     module = build_module(config, dm)
-    batch = _first_batch(dm)
+    batch = first_meta_batch(dm)
     reference = {k: v.detach().clone().requires_grad_() for k, v in module.params().items()}
-    _one_step(module, dm)  # engine "auto": the step picks (and keeps) the fastest engine
+    fit_one_step(module, dm)  # engine "auto": the step picks (and keeps) the fastest engine
     # the reference runs the step's engine: Adam turns the ~1e-9 rounding noise in the gradients of conv biases
     # right before batch norm (true gradient 0) into ~lr-sized steps that differ between engines
     reference_model = build_module(config, dm).backbone
@@ -98,7 +86,7 @@ def test_auto_engine_times_candidates_on_the_first_step(algorithm: str, extra: l
     dm = build_datamodule(config, torch.device("cpu"))
     module = build_module(config, dm)
     assert module.engine == "auto" and module.engine_timings == {}
-    _one_step(module, dm)
+    fit_one_step(module, dm)
     assert set(module.engine_timings) == {"batched", "sequential"}
     assert module.engine == min(module.engine_timings, key=module.engine_timings.get)
 
@@ -122,7 +110,7 @@ def test_task_chunk_step_equals_unchunked_step(algorithm: str) -> None:
         init = init if chunk != "null" else {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
         module.backbone.load_state_dict(init)  # the same initialization for both steps
         assert module.automatic_optimization == (chunk == "null")
-        _one_step(module, dm)
+        fit_one_step(module, dm)
         assert module.global_step == 1
         params[chunk] = {k: v.detach().clone() for k, v in module.params().items()}
     for name, p in params["2"].items():

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, set_flags
+
 STAGE = REPO / "benchmarks" / "device" / "stage.sh"
 REPRODUCE = REPO / "benchmarks" / "device" / "reproduce.sh"
 
@@ -83,9 +84,9 @@ def test_reproduce_usage_and_missing_data(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_reproduce_trains_resumes_and_writes_the_record_to_out(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    args = ["synthetic-5w1s", "maml", "--test-episodes", "20", "--set", "trainer.cpu_threads=1",
-            "--set", "trainer.checkpoint_every=2", "--set", "algorithm.meta_batch=2",
-            "--set", "episodes.val_episodes=5", "--set", "trainer.val_every=4"]
+    args = ["synthetic-5w1s", "maml", "--test-episodes", "20", *set_flags([
+        "trainer.cpu_threads=1", "trainer.checkpoint_every=2", "algorithm.meta_batch=2", "episodes.val_episodes=5",
+        "trainer.val_every=4"])]
     env = _reproduce_env(tmp_path, MAX_STEPS="6", COMMIT="0123abc")
     first = _bash(REPRODUCE, *args, env=env)
     assert first.returncode == 0, first.stdout + first.stderr

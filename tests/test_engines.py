@@ -15,41 +15,21 @@ from metabench.models.backbones import Conv4
 from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choose_engine, default_engine,
                                          engine_candidates, functional_loss, meta_backward,
                                          meta_loss, non_transductive_outputs, supports_batched, task_outputs)
-
-DT = torch.float64
-T, WAYS = 3, 5
-
-
-def rel_err(a: list[Tensor] | Tensor, b: list[Tensor] | Tensor) -> float:
-    a = a.detach() if isinstance(a, Tensor) else [t.detach() for t in a]
-    b = b.detach() if isinstance(b, Tensor) else [t.detach() for t in b]
-    a = torch.cat([t.reshape(-1) for t in a]) if isinstance(a, (list, tuple)) else a
-    b = torch.cat([t.reshape(-1) for t in b]) if isinstance(b, (list, tuple)) else b
-    return float((a - b).norm() / b.norm())
+from tests.conftest import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
+from tests.conftest import TASKS as T
 
 
-def make_conv4(pool: bool, global_pool: bool, dtype=DT, hidden: int = 6) -> tuple[nn.Module, Params]:
-    size = 21 if pool else 28  # 21 -> 10 -> 5 -> 2 -> 1 with pooling: odd sizes exercise floor pooling
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Conv4(2 if pool else 1, WAYS, size, hidden=hidden, pool=pool, global_pool=global_pool).to(dtype)
-        with torch.no_grad():  # non-trivial batch-norm affine parameters
-            for name, p in model.named_parameters():
-                if "features" in name and p.ndim == 1:
-                    p.add_(0.2 * torch.randn_like(p))
+def make_conv4(pool: bool, global_pool: bool, dtype: torch.dtype = DT, hidden: int = 6) -> tuple[Conv4, Params]:
+    """The shared seeded Conv4, batch-norm affine moved by 0.2 N(0, 1), and its parameter dict."""
+    model = seeded_conv4(hidden, pool=pool, global_pool=global_pool, bn_noise=0.2, dtype=dtype)
     return model, dict(model.named_parameters())
 
 
-def data(model: Conv4, n: int, m: int, steps: int | None = None, dtype=DT, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    channels = model.features[0][0].in_channels
-    size = 21 if isinstance(model.features[0][-1], nn.MaxPool2d) else 28
-    lead = (T,) if steps is None else (T, steps)
-    sx = torch.rand(*lead, n, channels, size, size, generator=gen, dtype=dtype)
-    sy = torch.randint(0, WAYS, (*lead, n), generator=gen)
-    qx = torch.rand(T, m, channels, size, size, generator=gen, dtype=dtype)
-    qy = torch.randint(0, WAYS, (T, m), generator=gen)
-    return sx, sy, qx, qy
+def data(model: Conv4, n: int, m: int, steps: int | None = None,
+         dtype: torch.dtype = DT) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A meta-batch for ``model``'s input (random labels, drawn set by set from seed 1)."""
+    pooled = isinstance(model.features[0][-1], nn.MaxPool2d)
+    return meta_batch(n, m, conv4_image(pooled), steps=steps, dtype=dtype, interleave=True)
 
 
 ARCHS = [(False, False), (False, True), (True, False)]  # Omniglot flatten, Omniglot global pool, mini-ImageNet
@@ -69,7 +49,7 @@ def test_meta_gradient_parity_float64(pool: bool, global_pool: bool, steps: int,
     assert abs(float(l_b.detach() - l_ref.detach())) <= 1e-12 * abs(float(l_ref.detach()))
     assert rel_err(o_b, o_ref) <= 1e-10
     assert rel_err(list(g_b), list(g_ref)) <= 1e-10
-    scale = torch.cat([g.reshape(-1) for g in g_ref]).norm()
+    scale = flat(g_ref).norm()
     for a, b in zip(g_b, g_ref):  # each parameter too (conv biases before batch norm have ~0 gradients)
         assert (a - b).norm() <= 1e-10 * max(float(b.norm()), float(scale))
 

@@ -26,51 +26,26 @@ from metabench.models.inner_loop import (
     reptile_update,
     task_outputs,
 )
+from tests.conftest import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
+from tests.conftest import TASKS as T
 
-DT = torch.float64
 ENGINES = ["vmap", "sequential"]
-
-
-def flat(tensors) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 # ------------------------------------------------------------------------------------------------ Conv4 fixtures
 
-T, WAYS, QUERIES = 3, 5, 2  # 3 tasks, 5-way 1-shot, 2 queries per class
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 tensors: intra-op threads only add overhead (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+QUERIES = 2  # 3 tasks, 5-way 1-shot, 2 queries per class
 
 
 @pytest.fixture(scope="module")
 def conv4() -> tuple[nn.Module, Params, Tensor, Tensor, Tensor, Tensor]:
     """A small float64 Omniglot-style Conv4 (28x28, stride 2, hidden 8) WITH batch norm, and a meta-batch."""
     gen = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Conv4(1, WAYS, 28, hidden=8).to(DT)
-    params = dict(model.named_parameters())
-    # give batch norm non-trivial affine parameters so their gradients are exercised too
-    with torch.no_grad():
-        for name, p in params.items():
-            if "features" in name and p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=DT))
-    sx = torch.rand(T, WAYS, 1, 28, 28, generator=gen, dtype=DT)
-    sy = torch.arange(WAYS).repeat(T, 1)
-    qx = torch.rand(T, WAYS * QUERIES, 1, 28, 28, generator=gen, dtype=DT)
-    qy = torch.arange(WAYS).repeat(T, QUERIES)
-    return model, params, sx, sy, qx, qy
+    # batch norm gets non-trivial affine parameters so that their gradients are exercised too
+    model = seeded_conv4(8, bn_noise=0.1, generator=gen)
+    sx, sy, qx, qy = meta_batch(WAYS, WAYS * QUERIES, conv4_image(False), seed=gen, support_labels="ordered",
+                                query_labels="ordered")
+    return model, dict(model.named_parameters()), sx, sy, qx, qy
 
 
 def reference_maml_grad(model: nn.Module, params: Params, sx, sy, qx, qy, lr: float, steps: int,

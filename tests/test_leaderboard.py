@@ -10,8 +10,11 @@ the golden files after an intended change, and read the diff.
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,10 @@ import pytest
 
 from metabench import cli
 from metabench.leaderboard import (
-    BELOW, NO_PAPER, OVERLAP, REPRODUCED, PaperResult, aggregate_runs, build_tables, load_paper_results,
-    make_leaderboard, paired_test, verdict,
+    BELOW, NO_PAPER, OVERLAP, REPRODUCED, PaperResult, build_tables, load_paper_results, make_leaderboard, verdict,
 )
-from metabench.models.problems import mean_ci95
 from metabench.records import SCHEMA_VERSION, Record, write_record
+from metabench.stats import aggregate_runs, mean_ci95, paired_test
 
 GOLDEN = Path(__file__).parent / "golden"
 DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
@@ -109,21 +111,33 @@ def _offset_pair(t_stat: float, n: int = 100, spread: float = 0.1) -> tuple[list
     return a, b
 
 
-@pytest.mark.parametrize("t_stat, p_expected, tied", [(1.5, 0.133614, True), (1.9, 0.057433, True),
-                                                      (2.0, 0.045500, False), (2.5, 0.012419, False)])
-def test_paired_t_test_known_answers(t_stat: float, p_expected: float, tied: bool) -> None:
-    a, b = _offset_pair(t_stat)
+# Two-sided Student t p-values 2 * P(T_df > t), tabulated independently (regularized incomplete beta
+# I_{df / (df + t^2)}(df / 2, 1 / 2) at 30 digits with mpmath). The normal approximation would give 0.133614,
+# 0.057433, 0.048838, 0.045500, 0.012419 and, for df = 29, 0.045500 and 0.035729: t = 1.97 (df 99) and
+# t = 2.0 (df 29) are tied only under the exact t distribution.
+@pytest.mark.parametrize("t_stat, n, p_expected, tied", [
+    (1.5, 100, 0.136797, True), (1.9, 100, 0.060343, True), (1.97, 100, 0.051632, True),
+    (2.0, 100, 0.048240, False), (2.5, 100, 0.014063, False),
+    (2.0, 30, 0.054944, True), (2.1, 30, 0.044542, False),
+])
+def test_paired_t_test_known_answers(t_stat: float, n: int, p_expected: float, tied: bool) -> None:
+    a, b = _offset_pair(t_stat, n)
     result = paired_test(a, b)
-    assert result.method == "t" and result.tied is tied
-    assert result.p_value == pytest.approx(p_expected, abs=2e-6)  # 2 * (1 - Phi(t)), tabulated
+    assert result.method == "t" and result.tied is tied and result.interval is None
+    assert result.p_value == pytest.approx(p_expected, abs=2e-6)
+    assert result.mean_difference == pytest.approx(t_stat * 0.1 / math.sqrt(n - 1), rel=1e-9)
     assert paired_test(b, a).p_value == pytest.approx(p_expected, abs=2e-6)  # two-sided
 
 
 def test_paired_test_degenerate_and_bootstrap() -> None:
     same = [0.1 * (i % 4) for i in range(50)]
     assert paired_test(same, same).tied and paired_test(same, same).p_value == 1.0
-    shifted = [x - 0.01 for x in same]
-    assert not paired_test(same, shifted).tied  # a constant difference: no noise, certainly different
+    shifted = [x - 0.01 for x in same]  # a constant difference (up to rounding): no noise, certainly different
+    assert not paired_test(same, shifted).tied and paired_test(same, shifted).p_value == 0.0
+    # The same below 30 episodes, where scipy's bootstrap would give NaN or warn: decided before it.
+    assert paired_test(same[:10], same[:10]).tied and paired_test(same[:10], same[:10]).interval == (0.0, 0.0)
+    constant = paired_test(same[:10], shifted[:10])
+    assert not constant.tied and constant.interval == pytest.approx((0.01, 0.01), abs=1e-15)
     # n < 30: the paired bootstrap. Differences all positive -> not tied; symmetric around 0 -> tied.
     small = [0.5 + 0.01 * i for i in range(10)]
     worse = [x - 0.02 - 0.005 * (i % 3) for i, x in enumerate(small)]
@@ -131,9 +145,22 @@ def test_paired_test_degenerate_and_bootstrap() -> None:
     assert result.method == "bootstrap" and not result.tied
     low, high = result.interval
     assert 0.02 <= low < high <= 0.03
+    # The percentile interval of a mean is close to mean -+ 1.96 * sd / sqrt(n), sd with n in the denominator
+    # (the bootstrap's plug-in): differences 0.02, 0.025, 0.03 (4, 3, 3 times): 0.0245 -+ 0.00257.
+    d = [x - y for x, y in zip(small, worse)]
+    m = math.fsum(d) / len(d)
+    half = 1.96 * math.sqrt(math.fsum((v - m) ** 2 for v in d) / len(d)) / math.sqrt(len(d))
+    assert result.mean_difference == pytest.approx(0.0245, abs=1e-15)
+    assert (low, high) == pytest.approx((m - half, m + half), abs=5e-4)
     noisy = [x + (0.03 if i % 2 else -0.03) for i, x in enumerate(small)]
     assert paired_test(small, noisy).tied
     assert paired_test(small, noisy) == paired_test(small, noisy)  # deterministic
+
+
+def test_stats_module_stays_light() -> None:
+    """Models import metabench.stats for mean_ci95: it must not pull in scipy (imported by paired_test only)."""
+    code = "import sys, metabench.stats, metabench.atomic; assert 'scipy' not in sys.modules, 'scipy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_verdict_rules() -> None:
@@ -212,6 +239,10 @@ def test_golden_outputs(tmp_path: Path) -> None:
     assert html.count('<table class="lb"') == 4  # 3 benchmark tables + one "not comparable" table
     assert html.count("<svg") == 3 + 1  # a bar chart per table, one curve chart (omniglot transductive)
     assert "polyline" in html and "not comparable" in html
+    # Curves are clipped to their plot box: every polyline names the clip path drawn with its chart.
+    clips = re.findall(r'<clipPath id="([^"]+)"><rect x="50" y="24" width="460" height="220"/></clipPath>', html)
+    lines = re.findall(r'<polyline [^>]*clip-path="url\(#([^)]+)\)"', html)
+    assert clips and lines and html.count("<polyline") == len(lines) and set(lines) <= set(clips)
 
 
 def test_table_logic_on_fixture() -> None:

@@ -56,13 +56,15 @@ def test_page_renders_and_sorts(tmp_path: Path) -> None:
         driver.set_page_load_timeout(20)
         driver.get(html.as_uri())
         assert driver.title == "metabench leaderboard"
-        table = driver.find_element("id", "t-omniglot-5w1s--transductive")
-        # 3 ranked rows + 2 paper-only rows, best first; bold rows are the best and the tied one.
-        assert _column(table, 0) == ["maml", "fomaml", "reptile", "meta-sgd (paper)", "maml++ (paper)"]
+        table = driver.find_element("id", "t-omniglot-5w1s--transductive-1-query-class")
+        # 3 ranked rows + 3 paper-only rows, best first; bold rows are the best and the tied one.
+        paper_only = ["meta-sgd (paper; split unknown, queries unknown)", "maml++ (paper; split unknown, queries unknown)",
+                      "maml (paper; maml split, 1 query/class)"]
+        assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
         bold = [row.find_element("css selector", "td").value_of_css_property("font-weight")
                 for row in table.find_elements("css selector", "tbody tr")]
         assert bold[:3] == ["700", "700", "400"]
-        assert len(driver.find_element("id", "o-omniglot-5w1s--transductive")
+        assert len(driver.find_element("id", "o-omniglot-5w1s--transductive-1-query-class")
                    .find_elements("css selector", "tbody tr")) == 1  # the other digest, apart
 
         # Click "ours ... %": ascending (missing values last), then again: descending.
@@ -70,15 +72,16 @@ def test_page_renders_and_sorts(tmp_path: Path) -> None:
         assert header.text.startswith("ours accuracy")
         header.click()
         assert header.get_attribute("aria-sort") == "ascending"
-        assert _column(table, 0) == ["reptile", "fomaml", "maml", "meta-sgd (paper)", "maml++ (paper)"]
+        assert _column(table, 0) == ["reptile", "fomaml", "maml", *paper_only]
         header.click()
-        assert _column(table, 0) == ["maml", "fomaml", "reptile", "meta-sgd (paper)", "maml++ (paper)"]
+        assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
         # A text column sorts alphabetically.
         table.find_elements("css selector", "thead th")[0].click()
-        assert _column(table, 0) == ["fomaml", "maml", "maml++ (paper)", "meta-sgd (paper)", "reptile"]
+        assert _column(table, 0) == ["fomaml", "maml", "maml (paper; maml split, 1 query/class)",
+                                     "maml++ (paper; split unknown, queries unknown)", "meta-sgd (paper; split unknown, queries unknown)", "reptile"]
         # Paper column (numbers): ascending by published mean.
         table.find_elements("css selector", "thead th")[8].click()
-        assert _column(table, 8) == ["97.68 ± 0.04", "98.3 ± 0.5", "98.7 ± 0.4", "99.47", "99.53 ± 0.26"]
+        assert _column(table, 8) == ["89.7 ± 1.1", "97.68 ± 0.04", "98.3 ± 0.5", "98.7 ± 0.4", "99.47", "99.53 ± 0.26"]
 
         # Charts drawn: one bar chart per benchmark table, bars with whiskers, and the curve chart.
         assert len(driver.find_elements("css selector", "svg.bars")) == 3

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metabench.models.backbones import MLP, Conv4
 from metabench.models.inner_loop import InnerConfig, meta_loss
+from tests.conftest import TASKS, WAYS, flat, meta_batch, rel_err, seeded_conv4, seeded_mlp
 
 if os.environ.get("CI"):
     try:
@@ -33,32 +33,23 @@ else:
 
 pytestmark = pytest.mark.l2l
 
-WAYS, SHOTS, QUERIES, TASKS, SIZE = 5, 1, 2, 3, 28
+SHOTS, QUERIES, SIZE = 1, 2, 28
 LR = 0.4
 RTOL = 1e-10
 
 
 def _model(backbone: str = "conv4") -> nn.Module:
     """Float64 Conv4 (8 filters), or MAML's non-convolutional MLP (narrowed, batch norm without scale)."""
-    torch.manual_seed(0)
-    if backbone == "mlp":
-        model = MLP(in_channels=1, ways=WAYS, image_size=SIZE, hidden=(32, 16, 8, 8)).double()
-        with torch.no_grad():  # larger weights than the paper's 0.01 init, so that every gradient is well above 0
-            for p in model.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        return model
-    return Conv4(in_channels=1, ways=WAYS, image_size=SIZE, hidden=8).double()
+    if backbone == "mlp":  # every parameter moved well above the paper's 0.01 init: every gradient is well above 0
+        return seeded_mlp(SIZE, (32, 16, 8, 8), only_norm=False)
+    return seeded_conv4(8)
 
 
 def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A meta-batch of random float64 images: support ``[T, 5, 1, 28, 28]``, query ``[T, 10, 1, 28, 28]``."""
-    gen = torch.Generator().manual_seed(1)
-    xs = torch.randn(TASKS, WAYS * SHOTS, 1, SIZE, SIZE, generator=gen, dtype=torch.float64)
-    xq = torch.randn(TASKS, WAYS * QUERIES, 1, SIZE, SIZE, generator=gen, dtype=torch.float64)
-    # Each task gets its own label order, as a task sampler's relabelling would.
-    ys = torch.stack([torch.randperm(WAYS, generator=gen).repeat_interleave(SHOTS) for _ in range(TASKS)])
-    yq = torch.stack([torch.randperm(WAYS, generator=gen).repeat_interleave(QUERIES) for _ in range(TASKS)])
-    return xs, ys, xq, yq
+    """Random float64 N(0, 1) images: support ``[T, 5, 1, 28, 28]``, query ``[T, 10, 1, 28, 28]``; each task
+    gets its own label order, as a task sampler's relabelling would."""
+    return meta_batch(WAYS * SHOTS, WAYS * QUERIES, (1, SIZE, SIZE), normal=True, support_labels="balanced",
+                      query_labels="balanced")
 
 
 def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int, first_order: bool) -> tuple[Tensor, list[Tensor]]:
@@ -87,11 +78,9 @@ def _metabench_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int, fi
 def _assert_grads_equal(ours: list[Tensor], ref: list[Tensor], names: list[str]) -> None:
     """Relative to the whole meta-gradient: conv biases feed batch norm, so their gradients are ~0 (pure
     round-off) and a per-tensor relative error would be meaningless for them."""
-    flat_ours = torch.cat([g.flatten() for g in ours])
-    flat_ref = torch.cat([g.flatten() for g in ref])
-    scale = flat_ref.abs().max().item()
+    scale = flat(ref).abs().max().item()
     assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
-    rel = ((flat_ours - flat_ref).norm() / flat_ref.norm()).item()
+    rel = rel_err(ours, ref)
     assert rel <= RTOL, f"relative error of the meta-gradient {rel:.3e} > {RTOL:.0e}"
     for name, a, b in zip(names, ours, ref):
         worst = (a - b).abs().max().item()
@@ -122,9 +111,7 @@ def test_second_order_terms_are_not_negligible(steps: int) -> None:
     batch = _batch()
     _, second = _metabench_grads(model, batch, steps, first_order=False, engine="sequential")
     _, first = _metabench_grads(model, batch, steps, first_order=True, engine="sequential")
-    flat_second = torch.cat([g.flatten() for g in second])
-    flat_first = torch.cat([g.flatten() for g in first])
-    assert ((flat_second - flat_first).norm() / flat_second.norm()).item() > 1e-3
+    assert rel_err(first, second) > 1e-3
 
 
 def test_oracle_version() -> None:

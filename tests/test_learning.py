@@ -9,6 +9,7 @@ import pytest
 
 from metabench.config import resolve
 from metabench.runner import run
+from tests.conftest import local_run
 
 STEPS = {"maml": 250, "fomaml": 250, "reptile": 400}
 
@@ -18,8 +19,7 @@ STEPS = {"maml": 250, "fomaml": 250, "reptile": 400}
 def test_meta_learning_beats_random_init(tmp_path: Path, algorithm: str) -> None:
     config = resolve("synthetic-5w1s", algorithm, overrides=[
         f"trainer.max_steps={STEPS[algorithm]}", f"trainer.val_every={STEPS[algorithm]}", "episodes.val_episodes=20",
-        "episodes.test_episodes=200", "trainer.accelerator=cpu", f"out_dir={tmp_path / 'runs'}",
-        f"records_dir={tmp_path / 'records'}"])
+        "episodes.test_episodes=200"] + local_run(tmp_path))
     record = run(config, progress=False).record
     random_init = record.baseline["random_init_mean"]
     print(f"{algorithm}: {100 * record.mean:.1f}% +- {100 * record.ci95:.1f} vs random init "

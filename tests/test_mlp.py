@@ -7,35 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from metabench.config import ConfigError, resolve
 from metabench.models.algorithms import adapted_parameter_names
 from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, functional_loss, meta_loss, task_outputs
-from tests.test_engines import rel_err
+from tests.conftest import DT, WAYS, meta_batch, rel_err, seeded_mlp
+from tests.conftest import TASKS as T
 
-T, WAYS = 3, 5
-
-
-def make_mlp(scale: bool = False, hidden: tuple[int, ...] = (12, 8, 6, 6)) -> MLP:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = MLP(1, WAYS, 8, hidden=hidden, norm_scale=scale).double()
-        with torch.no_grad():  # non-trivial batch-norm parameters, so that their gradients are not all ~0
-            for name, p in model.named_parameters():
-                if ".norm." in name:
-                    p.add_(0.3 * torch.randn_like(p))
-    return model
+SIZE, HIDDEN = 8, (12, 8, 6, 6)  # a narrow MLP on 8x8 images
 
 
-def batch(n: int = 5, m: int = 10, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    sx = torch.rand(T, n, 1, 8, 8, generator=gen, dtype=torch.float64)
-    qx = torch.rand(T, m, 1, 8, 8, generator=gen, dtype=torch.float64)
-    sy = torch.stack([torch.randperm(WAYS, generator=gen).repeat_interleave(n // WAYS) for _ in range(T)])
-    qy = torch.randint(0, WAYS, (T, m), generator=gen)
-    return sx, sy, qx, qy
+def batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """5 support examples (one per class) and 10 random-label queries per task, 8x8 float64 images, seed 1."""
+    return meta_batch(5, 10, (1, SIZE, SIZE), support_labels="balanced")
 
 
 def test_paper_network_shape_size_and_init() -> None:
@@ -73,9 +60,9 @@ def test_bad_sizes_fail_with_a_message() -> None:
 
 @pytest.mark.parametrize("scale", [False, True])
 def test_batched_forward_equals_forward_per_task(scale: bool) -> None:
-    model = make_mlp(scale)
+    model = seeded_mlp(SIZE, HIDDEN, scale=scale)
     params = {k: torch.stack([p + 0.01 * t for t in range(T)]) for k, p in model.named_parameters()}
-    x = torch.rand(T, 4, 1, 8, 8, dtype=torch.float64)
+    x = torch.rand(T, 4, 1, SIZE, SIZE, dtype=DT)
     batched = model.batched_forward(params, x)
     looped = torch.stack([torch.func.functional_call(model, {k: p[t] for k, p in params.items()}, (x[t],))
                           for t in range(T)])
@@ -87,7 +74,7 @@ def test_batched_forward_equals_forward_per_task(scale: bool) -> None:
 @pytest.mark.parametrize("steps,first_order", [(1, False), (2, False), (2, True)])
 def test_meta_gradient_parity_float64(scale: bool, adapt_norm: bool, steps: int, first_order: bool) -> None:
     """Batched (one bmm per layer, native batch norm per task) and vmap against the sequential reference."""
-    model = make_mlp(scale)
+    model = seeded_mlp(SIZE, HIDDEN, scale=scale)
     names = adapted_parameter_names(model, None, adapt_norm)
     sx, sy, qx, qy = batch()
     grads = {}
@@ -105,7 +92,7 @@ def test_meta_gradient_parity_float64(scale: bool, adapt_norm: bool, steps: int,
 def test_adapt_norm_false_adapts_everything_but_batch_norm() -> None:
     """MAML's code adapts only its ``weights`` dict: batch-norm offsets keep their meta-learned value inside a
     task (and are still trained by the outer step, checked by the parity test above)."""
-    model = make_mlp(scale=True)
+    model = seeded_mlp(SIZE, HIDDEN, scale=True)
     names = adapted_parameter_names(model, None, adapt_norm=False)
     assert names == {n for n, _ in model.named_parameters() if ".norm." not in n}
     sx, sy, _, _ = batch()
@@ -120,7 +107,7 @@ def test_adapt_norm_false_adapts_everything_but_batch_norm() -> None:
 
 
 def test_adapt_norm_false_with_prefixes_and_errors() -> None:
-    model = make_mlp()
+    model = seeded_mlp(SIZE, HIDDEN)
     assert adapted_parameter_names(model, ["head"], adapt_norm=False) == {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="adapt_norm=false is not supported by reptile"):
         AlgorithmConfig(name="reptile", adapt_norm=False)

@@ -13,25 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from metabench.config import resolve
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
 from metabench.datasets.synthetic import make_glyphs
 from metabench.models.algorithms import DivergenceError
 from metabench.records import read_record
 from metabench.runner import run
-
-REPO = Path(__file__).resolve().parents[1]
-
-# Small enough for seconds on 2 cores: 40 classes per split, hidden 8, few episodes.
-TINY = ["data.options.num_classes=40", "model.options.hidden=8", "episodes.val_episodes=10",
-        "episodes.test_episodes=20", "episodes.eval_batch=10", "trainer.val_every=4", "trainer.checkpoint_every=4",
-        "trainer.log_every=2", "algorithm.meta_batch=4", "algorithm.eval_steps=2"]
-
-
-def tiny_config(tmp_path: Path, algorithm: str, steps: int = 8, extra: list[str] | None = None):
-    overrides = TINY + [f"trainer.max_steps={steps}", f"out_dir={tmp_path / 'runs'}",
-                        f"records_dir={tmp_path / 'records'}", "trainer.accelerator=cpu"] + (extra or [])
-    return resolve("synthetic-5w1s", algorithm, overrides=overrides)
+from tests.conftest import TINY_RUN, TINY_RUN_CLASSES, set_flags, tiny_config
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
@@ -43,7 +30,7 @@ def test_run_writes_a_valid_record(tmp_path: Path, algorithm: str) -> None:
     assert record.training_steps == 8 and record.num_episodes == 20 and len(record.scores) == 20
     assert record.config["algorithm"]["name"] == algorithm
     assert record.config["trainer"]["seed"] == record.seed == 0
-    split = make_glyphs("test", seed=0, num_classes=40)
+    split = make_glyphs("test", seed=0, num_classes=TINY_RUN_CLASSES)
     assert record.episode_digest == EpisodeSampler(split, EpisodeSpec(5, 1, 15)).digest(0, 20)
     assert all(0.0 <= s <= 1.0 for s in record.scores)
     assert set(record.versions) >= {"python", "torch", "lightning", "metabench"}
@@ -79,7 +66,7 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path) 
 def _cli(tmp_path: Path, out: str, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "metabench.cli", "run", "--algorithm", "maml", "--quiet", "--accelerator", "cpu",
             "--out-dir", str(tmp_path / out), "--records-dir", str(tmp_path / out / "records"),
-            "--max-steps", "24", *[a for o in TINY for a in ("--set", o)]]
+            "--max-steps", "24", *set_flags(TINY_RUN)]
     return args + list(extra)
 
 
@@ -159,7 +146,7 @@ def test_test_run_reproduces_the_run_and_scores_another_protocol(tmp_path: Path)
     one = test_run(tiny_config(tmp_path, "maml", steps=6, extra=["episodes.queries=1"]))
     record = read_record(one.record_path)
     assert record.config["episodes"]["queries"] == 1 and record.episode_digest != trained.record.episode_digest
-    split = make_glyphs("test", seed=0, num_classes=40)
+    split = make_glyphs("test", seed=0, num_classes=TINY_RUN_CLASSES)
     assert record.episode_digest == EpisodeSampler(split, EpisodeSpec(5, 1, 1)).digest(0, 20)
     assert record.training_steps == 6 and record.run_id != trained.record.run_id
     assert len(list((tmp_path / "records").glob("*.json"))) == 3
@@ -167,9 +154,8 @@ def test_test_run_reproduces_the_run_and_scores_another_protocol(tmp_path: Path)
 
 def _cli_test(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "metabench.cli", "test", "--algorithm", "maml", "--out-dir", str(tmp_path / "runs"),
-            "--records-dir", str(tmp_path / "records"), "--accelerator", "cpu"]
-    for item in TINY + ["trainer.max_steps=4"]:
-        args += ["--set", item]
+            "--records-dir", str(tmp_path / "records"), "--accelerator", "cpu",
+            *set_flags(TINY_RUN + ["trainer.max_steps=4"])]
     return subprocess.run(args + list(extra), capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
@@ -198,3 +184,20 @@ def test_test_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
 def test_resume_with_nothing_to_resume_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run(tiny_config(tmp_path, "fomaml", steps=2), resume=True, progress=False)
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_build_datamodule_uses_a_given_split_and_the_cache_for_generated_data(tmp_path: Path) -> None:
+    """Regression: ``load_split or partial(...) if needs_root else partial(...)`` parsed as ``(load_split or
+    ...) if ... else ...``, so a split loader passed for a generated dataset was ignored, and generated datasets
+    never got ``data.cache_dir``."""
+    from metabench.runner import build_datamodule
+
+    given = make_glyphs("train", seed=3, num_classes=12)
+    config = tiny_config(tmp_path, "maml")
+    module = build_datamodule(config, load_split=lambda _name: given)
+    module.setup("fit")
+    assert module.train_sampler.split is given
+
+    cached = tiny_config(tmp_path, "maml", extra=[f"data.cache_dir={tmp_path / 'cache'}"])
+    build_datamodule(cached).setup("fit")
+    assert any((tmp_path / "cache").rglob("*")), "the generated split was not cached in data.cache_dir"

@@ -9,15 +9,14 @@ import pytest
 
 from metabench.config import resolve
 from metabench.runner import run
+from tests.conftest import local_run
 
 
 @pytest.mark.slow
 def test_fomaml_init_beats_random_init_on_synthetic_segmentation(tmp_path: Path) -> None:
     # The synthetic-seg-1w1s preset (200 FOMAML steps, ~40 s on one core; 200 test episodes), one validation.
     config = resolve("synthetic-seg-1w1s", "fomaml", overrides=[
-        "trainer.val_every=200", "episodes.val_episodes=10",
-        "trainer.accelerator=cpu", "trainer.cpu_threads=1", f"out_dir={tmp_path / 'runs'}",
-        f"records_dir={tmp_path / 'records'}"])
+        "trainer.val_every=200", "episodes.val_episodes=10", "trainer.cpu_threads=1"] + local_run(tmp_path))
     record = run(config, progress=False).record
     base = record.baseline
     print(f"fg-IoU {record.mean:.3f} +- {record.ci95:.3f} vs random init {base['random_init_mean']:.3f} "

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from metabench.models.problems import IGNORE_INDEX, Segmentation, episode_counts, fb_iou, iou, mean_iou
+from metabench.datasets.base import MASK_IGNORE
+from metabench.models.problems import Segmentation, episode_counts, fb_iou, iou, mean_iou
 
-X = IGNORE_INDEX
+X = MASK_IGNORE
 
 
 def logits_for(pred: torch.Tensor, channels: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
-from metabench.datasets.episodes import EpisodeSpec, MetaBatch
+from metabench.datasets.episodes import EpisodeSpec
 from metabench.models.algorithms import MAML, Reptile, Transfer, adapted_parameter_names, build_algorithm
 from metabench.models.backbones import build_backbone
 from metabench.models.hparams import AlgorithmConfig
@@ -22,6 +22,7 @@ from metabench.models.inner_loop import InnerConfig, adapt_tasks, meta_loss, rep
 from metabench.models.problems import Classification, Segmentation, episode_counts, fb_iou, mean_iou
 from metabench.models.segmentation import ConvSeg
 from metabench.runner import quiet_lightning
+from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step, local_run
 
 
 def fake_split(name: str, classes: int = 6, per_class: int = 6, size: int = 16, seed: int = 0) -> ImageSplit:
@@ -48,18 +49,6 @@ def fake_datamodule(ways: int = 1, shots: int = 1, queries: int = 2, meta_batch:
     splits = {s: fake_split(f"fake/{s}", size=size, seed=i) for i, s in enumerate(("train", "val", "test"))}
     return EpisodicDataModule(splits.__getitem__, EpisodeSpec(ways, shots, queries), meta_batch, val_episodes=4,
                               test_episodes=6, eval_batch=4)
-
-
-def first_batch(dm: EpisodicDataModule) -> MetaBatch:
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([dm.seed, 0])))
-    return dm.train_sampler.gather(dm.train_sampler.sample(rng, dm.meta_batch))
-
-
-def one_step(module, dm) -> None:
-    quiet_lightning()
-    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, inference_mode=False,
-              accelerator="cpu").fit(module, datamodule=dm)
 
 
 def make(name: str, ways: int = 1, hidden: int = 4, size: int = 16, **hparams) -> tuple:
@@ -161,7 +150,7 @@ def test_maml_with_head_only_adaptation_matches_a_hand_written_reference() -> No
 def test_evaluation_with_adapt_changes_only_the_adapted_parameters() -> None:
     module, _ = make("fomaml", adapt=["decoder", "head"])
     dm = fake_datamodule()
-    batch = first_batch(dm)
+    batch = first_meta_batch(dm)
     params = {k: v.detach() for k, v in module.params().items()}
     adapted = adapt_tasks(params, module.task_loss, module.problem.inputs(batch.support_x), batch.support_y,
                           module.inner_config(False), "sequential")
@@ -176,11 +165,11 @@ def test_reptile_step_on_segmentation_equals_hand_update() -> None:
     module, config = make("reptile", meta_lr_final=0.0)
     dm = fake_datamodule()
     theta = {k: v.detach().clone() for k, v in module.params().items()}
-    batch = first_batch(dm)
+    batch = first_meta_batch(dm)
     adapted = adapt_tasks(theta, module.task_loss, module.problem.inputs(batch.support_x), batch.support_y,
                           module.inner_config(True), "sequential")
     expected = reptile_update(theta, adapted, config.meta_lr)
-    one_step(module, dm)
+    fit_one_step(module, dm)
     for name, p in module.params().items():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
 
@@ -188,7 +177,7 @@ def test_reptile_step_on_segmentation_equals_hand_update() -> None:
 def test_transfer_step_is_adam_on_the_pooled_supervised_loss() -> None:
     module, config = make("transfer")
     dm = fake_datamodule()
-    batch = first_batch(dm)
+    batch = first_meta_batch(dm)
     net = module.backbone
     reference = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
     x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1).float() / 255
@@ -197,7 +186,7 @@ def test_transfer_step_is_adam_on_the_pooled_supervised_loss() -> None:
     Segmentation().loss(functional_call(net, reference, (x,)), y).backward()
     adam = torch.optim.Adam(reference.values(), lr=config.meta_lr)
     adam.step()
-    one_step(module, dm)
+    fit_one_step(module, dm)
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), reference[name].detach(), rtol=1e-5, atol=1e-6)
 
@@ -239,10 +228,10 @@ def test_test_run_records_scores_miou_and_fb_iou(name: str) -> None:
 def test_two_way_segmentation_trains_with_maml() -> None:
     module, _ = make("maml", ways=2)
     dm = fake_datamodule(ways=2)
-    batch = first_batch(dm)
+    batch = first_meta_batch(dm)
     assert set(batch.query_y.unique().tolist()) <= {0, 1, 2, 255} and batch.classes.shape == (2, 2)
     before = {k: v.detach().clone() for k, v in module.params().items()}
-    one_step(module, dm)
+    fit_one_step(module, dm)
     assert any(not torch.equal(before[k], v) for k, v in module.params().items())
 
 
@@ -260,7 +249,7 @@ def test_classification_modules_are_unchanged() -> None:
 SEG_TINY = ["data.options.image_size=16", "data.options.num_classes=6", "data.options.images_per_class=5",
             "model.options.hidden=4", "episodes.val_episodes=2", "episodes.test_episodes=4", "episodes.eval_batch=2",
             "trainer.max_steps=2", "trainer.val_every=1", "trainer.checkpoint_every=2", "trainer.log_every=1",
-            "algorithm.meta_batch=2", "algorithm.eval_steps=1", "trainer.accelerator=cpu"]
+            "algorithm.meta_batch=2", "algorithm.eval_steps=1"]
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "transfer"])
@@ -269,8 +258,7 @@ def test_segmentation_run_writes_miou_fb_iou_and_curve(tmp_path, algorithm: str)
     from metabench.records import read_record
     from metabench.runner import run
 
-    config = resolve("synthetic-seg-1w1s", algorithm, overrides=SEG_TINY + [
-        f"out_dir={tmp_path / 'runs'}", f"records_dir={tmp_path / 'records'}"])
+    config = resolve("synthetic-seg-1w1s", algorithm, overrides=SEG_TINY + local_run(tmp_path))
     record = read_record(run(config, progress=False).record_path)
     assert record.metric == "fg_iou" and len(record.scores) == 4
     assert set(record.metrics) == {"miou", "fb_iou"} and all(0 <= v <= 1 for v in record.metrics.values())
@@ -283,10 +271,9 @@ def test_classification_run_records_its_validation_curve(tmp_path) -> None:
     from metabench.config import resolve
     from metabench.runner import run
 
-    config = resolve("synthetic-5w1s", "fomaml", overrides=[
-        "data.options.num_classes=20", "model.options.hidden=4", "episodes.val_episodes=4", "episodes.test_episodes=4",
-        "episodes.eval_batch=4", "trainer.max_steps=4", "trainer.val_every=2", "algorithm.meta_batch=2",
-        "trainer.accelerator=cpu", f"out_dir={tmp_path / 'runs'}", f"records_dir={tmp_path / 'records'}"])
+    config = resolve("synthetic-5w1s", "fomaml", overrides=TINY_GLYPHS + [
+        "episodes.val_episodes=4", "episodes.test_episodes=4", "episodes.eval_batch=4", "trainer.max_steps=4",
+        "trainer.val_every=2", "algorithm.meta_batch=2"] + local_run(tmp_path))
     record = run(config, progress=False, write=False).record
     assert [p[0] for p in record.curve] == [2, 4] and record.curve[0][1] <= record.curve[1][1]
     assert record.metrics == {}
@@ -301,6 +288,9 @@ def test_mismatched_backbone_or_transfer_on_classification_is_a_config_error() -
         build_module(config, build_datamodule(config))
     config = resolve("synthetic-seg-1w1s", "maml", overrides=SEG_TINY + ["algorithm.adapt=[decod]"])
     with pytest.raises(ConfigError, match="prefix 'decod' matches no parameter"):
+        build_module(config, build_datamodule(config))
+    config = resolve("synthetic-seg-1w1s", "transfer", overrides=SEG_TINY + ["episodes.ways=2"])
+    with pytest.raises(ConfigError, match="transfer needs 1-way episodes"):  # checked once, by the module
         build_module(config, build_datamodule(config))
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pytest
-import torch
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
@@ -28,7 +27,7 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 from metabench.records import read_record  # noqa: E402
 from metabench.runner import run  # noqa: E402
 from metabench.wandb_logging import has_api_key  # noqa: E402
-from tests.test_runner import tiny_config  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
 
 FAKE_KEY = "fake" * 10  # 40 characters: the shape of a real key
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any HTTP attempt by wandb-core fails and is logged
@@ -118,16 +117,6 @@ def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[lis
     wandb.teardown()
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for the tiny runs: on a busy 2-core machine, spinning OpenMP threads made them
-    ~20x slower (about 50 s instead of 2 s), and nothing here depends on threading."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _close_wandb() -> None:
     """Wait for wandb-core to close the run's file: ``run.finish()`` only tells it to (and it flushes the file
     every 15 s or at close), while tearing the service down waits for it to exit."""
@@ -147,7 +136,6 @@ def _assert_no_network_tried(attempts: list[Any], root: Path) -> None:
         assert "proxyconnect" not in text and "127.0.0.1:9" not in text, f"{path} shows a network attempt"
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_offline_run_reads_back(tmp_path: Path, offline_env: list[Any]) -> None:
     assert not has_api_key()  # so make_wandb_logger picks offline by itself (WANDB_MODE is unset)
     config = tiny_config(tmp_path, "maml", steps=8, extra=["logger=wandb"])
@@ -205,7 +193,6 @@ def test_offline_run_reads_back(tmp_path: Path, offline_env: list[Any]) -> None:
     _assert_no_network_tried(offline_env, tmp_path)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_api_key_is_never_written(tmp_path: Path, offline_env: list[Any], monkeypatch: pytest.MonkeyPatch,
                                   capfd: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
