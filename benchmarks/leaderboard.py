@@ -19,6 +19,7 @@ import io
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ class RowProtocol:
         return f"{self.bn_mode}, {queries_text(self.queries)}"
 
     @classmethod
-    def of(cls, record: Record) -> "RowProtocol":
+    def of(cls, record: Record) -> RowProtocol:
         bn_mode = _config_key(record, "algorithm", "bn_mode")
         queries = record.config.get("episodes", {}).get("queries")
         if not isinstance(queries, int) or isinstance(queries, bool):
@@ -524,7 +525,8 @@ def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = 
 
 
 CSV_COLUMNS = ["benchmark", "protocol", "metric", "section", "algorithm", "backbone", "preset", "mean_pct",
-               "ci95_pct", "random_init_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest", "best_or_tied",
+               "ci95_pct", "random_init_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest",
+               "best_or_tied",
                "vs_best", "paper_mean_pct", "paper_ci95_pct", "paper_source", "paper_row", "delta_pct", "verdict",
                "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files"]
 

@@ -8,8 +8,8 @@ validation score against training wall-clock. Deterministic: coordinates are pri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 from metabench.leaderboard import METHODS_TEXT, BenchmarkTable, Row, cells, columns
 

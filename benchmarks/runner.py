@@ -16,10 +16,10 @@ import secrets
 import sys
 import time
 import warnings
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -145,7 +145,8 @@ def device_name(device: torch.device) -> str:
 
 
 def run_dir_for(config: RunConfig) -> Path:
-    return Path(config.out_dir) / config.benchmark / f"{config.algorithm.name}-{config.preset}-seed{config.trainer.seed}"
+    name = f"{config.algorithm.name}-{config.preset}-seed{config.trainer.seed}"
+    return Path(config.out_dir) / config.benchmark / name
 
 
 def quiet_lightning() -> None:
@@ -242,7 +243,7 @@ def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, dat
     scores = module.test_scores.tolist()
     mean, ci = mean_ci95(scores)
     return Record(
-        run_id=f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
+        run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
         config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings,
                                                  **resolved}},
@@ -251,7 +252,7 @@ def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, dat
         training_steps=steps, train_seconds=train_seconds, eval_seconds=eval_seconds,
         tasks_per_second=steps * config.algorithm.meta_batch / max(train_seconds, 1e-9),
         device=device_name(device), versions=versions(), git_commit=git_commit(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         baseline=_random_init_baseline(config, datamodule, initial, trainer.accelerator),
         metrics=dict(module.test_metrics), curve=[list(p) for p in curve])
 

@@ -17,9 +17,10 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import IO, Callable
+from typing import IO
 
 from .base import DatasetError
 

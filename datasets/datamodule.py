@@ -105,7 +105,8 @@ class EpisodicDataModule(L.LightningDataModule):
         return self.sampler("train")
 
     def setup(self, stage: str | None = None) -> None:
-        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val", "test"))
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "",
+                                                                                      ("train", "val", "test"))
         for role in roles:
             self.sampler(role)
 

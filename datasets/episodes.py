@@ -242,7 +242,8 @@ class EpisodeSampler:
         support_y = _targets(support_m, labels.repeat_interleave(self.spec.shots))
         query_y = _targets(query_m, labels.repeat_interleave(self.spec.queries))
         classes = torch.as_tensor(indices.classes, device=device)
-        return MetaBatch(support_x.reshape(tasks, -1, *images.shape[1:]), support_y.reshape(tasks, -1, *masks.shape[1:]),
+        return MetaBatch(support_x.reshape(tasks, -1, *images.shape[1:]),
+                         support_y.reshape(tasks, -1, *masks.shape[1:]),
                          query_x.reshape(tasks, -1, *images.shape[1:]), query_y.reshape(tasks, -1, *masks.shape[1:]),
                          classes)
 

@@ -500,13 +500,13 @@ def verify_mini_imagenet(root: str | os.PathLike[str] | None = None) -> dict[str
             problems.append(str(exc))
             continue
         classes_of[split], files_of[split] = set(facts.counts), set(facts.files)
-        report["splits"][split] = _check_split(split, facts.counts, facts.sizes, problems)
+        report["splits"][split] = _split_report(split, facts.counts, facts.sizes, problems)
     _check_disjoint(classes_of, files_of, problems)
     report["sha256"] = {p.name: file_sha256(p) for p in _named_files(data_root, layout) if p.is_file()}
     return report
 
 
-def _check_split(split: str, counts: dict[str, int], sizes: dict[str, int], problems: list[str]) -> dict[str, Any]:
+def _split_report(split: str, counts: dict[str, int], sizes: dict[str, int], problems: list[str]) -> dict[str, Any]:
     """One split's summary; appends to ``problems`` what differs from Ravi & Larochelle's split."""
     digest = hashlib.sha256("\n".join(sorted(counts)).encode()).hexdigest()
     if len(counts) != EXPECTED_CLASSES[split]:

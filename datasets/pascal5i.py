@@ -39,8 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metabench.datasets.base import (DATA_ENV, MASK_IGNORE, DatasetError, ImageSplit, resolve_cache_dir,
-                                     resolve_data_root)
+from metabench.datasets.base import (
+    DATA_ENV,
+    MASK_IGNORE,
+    DatasetError,
+    ImageSplit,
+    resolve_cache_dir,
+    resolve_data_root,
+)
 from metabench.datasets.cache import Prepared, files_manifest, load_or_prepare
 from metabench.datasets.fss import check_image_size, decode_workers, resize_pair
 
@@ -136,7 +142,8 @@ def split_rows(lists: Path, fold: int, split: str, val: str = "base") -> list[tu
         sources = [("trn" if split == "train" else "val", j) for j in FOLDS if j != fold]
     rows = {row for kind, j in sources for row in read_fold_list(lists / kind / f"fold{j}.txt", j)}
     if not rows:
-        raise DatasetError(f"{DATASET}: fold {fold} {split}: the lists {', '.join(f'{k}/fold{j}.txt' for k, j in sources)} "
+        named = ", ".join(f"{k}/fold{j}.txt" for k, j in sources)
+        raise DatasetError(f"{DATASET}: fold {fold} {split}: the lists {named} "
                            f"in {lists} name no images")
     return sorted(rows, key=lambda r: (r[1], r[0]))
 
@@ -205,7 +212,8 @@ def load_pascal_5i(split: str, root: str | os.PathLike[str] | None = None,
     list_files = sorted(list_root.glob("*/fold*.txt"))
     params = {"reader": READER_VERSION, "fold": fold, "split": split, "val": val, "size": size,
               "resample": "bilinear/nearest"}
-    prepared = load_or_prepare(f"{DATASET}-fold{fold}-{split}", [*list_files, files_manifest(DATASET, voc, files, cache)],
+    sources = [*list_files, files_manifest(DATASET, voc, files, cache)]
+    prepared = load_or_prepare(f"{DATASET}-fold{fold}-{split}", sources,
                                params, lambda: _build(voc, rows, size), cache)
     names = class_names()
     label = "val-novel" if split == "val" and val == "novel" else split

@@ -13,7 +13,6 @@ from typing import Any
 
 from metabench.datasets.base import DatasetError, ImageSplit
 
-
 # What a dataset is labelled for; the runner picks the problem (loss and metric) and checks the network by it.
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
 

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -29,10 +29,19 @@ from torch import nn
 from metabench.datasets.episodes import MetaBatch
 from metabench.models.backbones import is_norm
 from metabench.models.hparams import AlgorithmConfig
-from metabench.models.inner_loop import (InnerConfig, Params, adapt_tasks, choose_engine, default_engine,
-                                         engine_candidates, functional_loss, meta_backward, meta_loss,
-                                         non_transductive_outputs,
-                                         task_outputs)
+from metabench.models.inner_loop import (
+    InnerConfig,
+    Params,
+    adapt_tasks,
+    choose_engine,
+    default_engine,
+    engine_candidates,
+    functional_loss,
+    meta_backward,
+    meta_loss,
+    non_transductive_outputs,
+    task_outputs,
+)
 from metabench.models.problems import Classification, Segmentation
 from metabench.stats import mean_ci95
 

@@ -7,7 +7,8 @@ through ``torch.func.functional_call`` and ``torch.func.vmap`` with exact higher
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

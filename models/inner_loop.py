@@ -19,9 +19,9 @@ outer autograd, so ``meta_loss(...).backward()`` is second-order MAML. Backbones
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

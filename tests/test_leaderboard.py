@@ -10,9 +10,9 @@ the golden files after an intended change, and read the diff.
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +22,15 @@ import pytest
 
 from metabench import cli
 from metabench.leaderboard import (
-    BELOW, NO_PAPER, OVERLAP, REPRODUCED, PaperResult, build_tables, load_paper_results, make_leaderboard, verdict,
+    BELOW,
+    NO_PAPER,
+    OVERLAP,
+    REPRODUCED,
+    PaperResult,
+    build_tables,
+    load_paper_results,
+    make_leaderboard,
+    verdict,
 )
 from metabench.records import SCHEMA_VERSION, Record, write_record
 from metabench.stats import aggregate_runs, mean_ci95, paired_test
@@ -352,11 +360,10 @@ def test_cli_clean_run_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 # -- W&B, offline ---------------------------------------------------------------------------------------------
 
-def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:
-    from tests.test_wandb import _assert_no_network_tried, _close_wandb, _items, _of_type, read_transaction_log
-
+def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:  # noqa: F811 (fixture)
     from metabench.leaderboard import CSV_COLUMNS
     from metabench.wandb_logging import log_leaderboard
+    from tests.test_wandb import _assert_no_network_tried, _close_wandb, _items, _of_type, read_transaction_log
 
     write_fixture(tmp_path / "records")
     result = make_leaderboard(tmp_path / "records", tmp_path / "out")
@@ -373,7 +380,8 @@ def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> No
     assert row["leaderboard/nrows"] == len(result.paths[1].read_text().splitlines()) - 1
     table = json.loads((run_dir / row["leaderboard/path"]).read_text())
     assert table["columns"] == CSV_COLUMNS
-    ranked = [r[4] for r in table["data"] if r[:2] == ["omniglot-5w1s", "transductive, 1 query/class"] and r[3] == "ranked"]
+    key = ["omniglot-5w1s", "transductive, 1 query/class"]
+    ranked = [r[4] for r in table["data"] if r[:2] == key and r[3] == "ranked"]
     assert ranked == ["maml", "fomaml", "reptile"]
 
     # The page as an artifact of type "leaderboard", byte for byte.

@@ -52,7 +52,8 @@ def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
                       query_labels="balanced")
 
 
-def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int, first_order: bool) -> tuple[Tensor, list[Tensor]]:
+def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int,
+               first_order: bool) -> tuple[Tensor, list[Tensor]]:
     """learn2learn's reference: clone + adapt per task, query loss averaged over tasks, grads w.r.t. the init."""
     xs, ys, xq, yq = batch
     maml = l2l.algorithms.MAML(model, lr=LR, first_order=first_order)

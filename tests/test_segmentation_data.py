@@ -101,7 +101,8 @@ def test_synthetic_seg_is_deterministic_and_class_stable(tmp_path: Path) -> None
     assert a.name == "synthetic-seg/s3/test/32px" and a.images.shape == (12, 3, 32, 32)
     assert a.masks.shape == (12, 32, 32) and set(a.masks.unique().tolist()) == {0, 1}
     images, masks = render_class("test", 1, seed=3, count=6, image_size=32)
-    assert torch.equal(a.images[4:8], torch.from_numpy(images[:4])) and torch.equal(a.masks[4:8], torch.from_numpy(masks[:4]))
+    assert torch.equal(a.images[4:8], torch.from_numpy(images[:4]))
+    assert torch.equal(a.masks[4:8], torch.from_numpy(masks[:4]))
     assert torch.equal(b.images[:6], torch.from_numpy(render_class("test", 0, 3, 6, 32)[0]))
     again = make_segmentation("test", seed=3, num_classes=5, images_per_class=6, image_size=32, cache_dir=tmp_path)
     assert torch.equal(again.images, b.images) and torch.equal(again.masks, b.masks)
@@ -122,7 +123,8 @@ def test_fss_mini_reader(data_root: Path, cache_dir: Path) -> None:
     for split, part in loaded.items():
         assert part.name == f"fss-mini/{split}/128px"
         assert part.class_names == tuple(defined[split])
-        assert part.images.shape == (10 * len(defined[split]), 3, 128, 128) and part.counts.tolist() == [10] * part.num_classes
+        assert part.images.shape == (10 * len(defined[split]), 3, 128, 128)
+        assert part.counts.tolist() == [10] * part.num_classes
         assert part.masks.shape == (part.images.shape[0], 128, 128)
         assert set(part.masks.unique().tolist()) == {0, 1}
         assert bool((part.masks.flatten(1).float().mean(1) > 0).all())  # every mask has an object
@@ -133,8 +135,10 @@ def test_fss_mini_reader(data_root: Path, cache_dir: Path) -> None:
     native = load_fss_mini("test", root=data_root, cache_dir=cache_dir, image_size=224)
     row = native.image_ids.index("davis_dog/3")
     folder = data_root / "fss-mini" / "davis_dog"
-    assert torch.equal(native.images[row], torch.from_numpy(np.asarray(Image.open(folder / "3.jpg")).transpose(2, 0, 1).copy()))
-    assert torch.equal(native.masks[row], torch.from_numpy((np.asarray(Image.open(folder / "3.png")) > 0).astype(np.uint8)))
+    jpeg = np.asarray(Image.open(folder / "3.jpg")).transpose(2, 0, 1).copy()
+    assert torch.equal(native.images[row], torch.from_numpy(jpeg))
+    png = (np.asarray(Image.open(folder / "3.png")) > 0).astype(np.uint8)
+    assert torch.equal(native.masks[row], torch.from_numpy(png))
     # The image size names the split, so it names the fixed episodes too.
     spec = EpisodeSpec(1, 1, 1)
     assert EpisodeSampler(native, spec).digest(0, 5) != EpisodeSampler(loaded["test"], spec).digest(0, 5)
@@ -226,7 +230,8 @@ def pascal_root(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Pa
     lists["val/fold0"] = {line for line in real if line.split("__")[0] in ids}
     for i, image_id in enumerate(ids):
         labels = np.asarray(Image.open(voc / "SegmentationClassAug" / f"{image_id}.png"))
-        Image.fromarray(rng.integers(0, 255, (*labels.shape, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{image_id}.jpg")
+        image = rng.integers(0, 255, (*labels.shape, 3), dtype=np.uint8)
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg")
         classes = sorted(set(np.unique(labels).tolist()) - {0, 255})
         base = [c for c in classes if c > 5]
         for cls in classes:

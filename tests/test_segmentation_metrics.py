@@ -70,7 +70,8 @@ def test_miou_sums_per_class_then_averages_classes() -> None:
     assert mean_iou(stats, classes) == pytest.approx(0.625)
     # FB-IoU: fg pooled (1+6+3)/(4+8+4) = 10/16, bg pooled 35/42
     assert fb_iou(stats) == pytest.approx((10 / 16 + 35 / 42) / 2)
-    assert Segmentation.summary_metrics(stats, classes) == pytest.approx({"miou": 0.625, "fb_iou": (10 / 16 + 35 / 42) / 2})
+    expected = {"miou": 0.625, "fb_iou": (10 / 16 + 35 / 42) / 2}
+    assert Segmentation.summary_metrics(stats, classes) == pytest.approx(expected)
 
 
 def test_miou_of_two_way_episodes_uses_each_label_class() -> None:
