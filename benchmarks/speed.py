@@ -422,7 +422,7 @@ def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], 
             chunk_it = task_chunk and "batched" in engines and algorithm != "reptile"
             chunked = [("batched", task_chunk)] if chunk_it else []
             for engine, chunk in [(e, None) for e in engines] + chunked:
-                if engine == LEARN2LEARN and (not have_l2l or algorithm == "reptile"):
+                if engine == LEARN2LEARN and (not have_l2l or algorithm not in ("maml", "fomaml")):
                     continue
                 cell = {"benchmark": benchmark, "algorithm": algorithm, "engine": engine, "device": str(device),
                         "iterations": iterations, "warmup": warmup, "tiny": tiny, "threads": threads,

@@ -1,7 +1,13 @@
-"""MAML, FOMAML and Reptile as Lightning modules, all on the ONE functional inner loop (``inner_loop``).
+"""MAML, FOMAML, ANIL, Meta-SGD and Reptile as Lightning modules, all on the ONE functional inner loop
+(``inner_loop``).
 
 - MAML: meta-loss = mean over tasks of the query loss at the adapted parameters; gradients flow through
   the inner steps (second order). FOMAML is the same module with ``first_order`` (inner gradients detached).
+- ANIL (Raghu et al. 2020): the same module with ``config.adapt = ["head"]``: the inner loop adapts the head
+  only, the outer step trains everything (second order through the head's adaptation).
+- Meta-SGD (Li et al. 2017): the MAML module plus a learned inner step size per parameter entry (the inner
+  step is ``theta - alpha * grad`` elementwise), meta-learned by the same outer Adam step; evaluation adapts
+  with the learned rates.
 - Reptile (Nichol et al. 2018): k inner steps (SGD or Adam with beta1 = 0) per task, then
   ``theta <- theta + eps * (mean adapted - theta)``. It is written as plain SGD with learning rate ``eps``
   on the "gradient" ``theta - mean adapted``, so Lightning counts steps, checkpoints the optimizer and
@@ -112,6 +118,11 @@ class MetaLearner(L.LightningModule):
         if self.config.engine == "auto" and saved.get("engine", "auto") != "auto":
             self.engine, self.engine_timings = saved["engine"], dict(saved.get("timings", {}))
 
+    def inner_lrs(self) -> Params | None:
+        """Per-parameter inner step sizes (Meta-SGD), keyed like :meth:`params`; None: the scalar
+        ``inner_lr`` / ``eval_lr`` of :meth:`inner_config`."""
+        return None
+
     def inner_config(self, training: bool) -> InnerConfig:
         cfg = self.config
         if training:
@@ -134,8 +145,10 @@ class MetaLearner(L.LightningModule):
         engine = self._resolve_engine()
         sx, sy, qx, qy = self._inputs(batch)
         params = {k: v.detach() for k, v in self.params().items()}
+        lrs = self.inner_lrs()
+        lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
         with torch.enable_grad():  # Lightning evaluates under no_grad; adaptation needs gradients
-            adapted = adapt_tasks(params, self.task_loss, sx, sy, self.inner_config(False), engine)
+            adapted = adapt_tasks(params, self.task_loss, sx, sy, self.inner_config(False), engine, lrs)
         with torch.no_grad():
             adapted = {k: v.detach() for k, v in adapted.items()}
             if self.config.bn_mode == "transductive":
@@ -189,7 +202,8 @@ class MetaLearner(L.LightningModule):
 
 
 class MAML(MetaLearner):
-    """MAML (Finn et al. 2017); with ``config.name == "fomaml"`` the first-order approximation.
+    """MAML (Finn et al. 2017); with ``config.name == "fomaml"`` the first-order approximation, with "anil" the
+    head-only inner loop (``config.adapt``); :class:`MetaSGD` adds learned inner rates (``inner_lrs``).
 
     With ``config.task_chunk`` the meta-gradient is back-propagated that many tasks at a time inside the step
     (``inner_loop.meta_backward``: same gradient, the memory of one chunk), which needs manual optimization:
@@ -202,33 +216,58 @@ class MAML(MetaLearner):
 
     def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor | None:
         sx, sy, qx, qy = self._inputs(batch)
-        params, config = self.params(), self.inner_config(True)
+        params, config, lrs = self.params(), self.inner_config(True), self.inner_lrs()
+        learned = [*params.values(), *(lrs or {}).values()]
 
         def probe(engine: str) -> None:  # "auto": one meta-gradient per candidate, discarded
             chunk = self.config.task_chunk or sx.shape[0]  # in the step's chunks: the probe keeps its memory cap
             for start in range(0, sx.shape[0], chunk):
                 part = slice(start, start + chunk)
                 probe_loss, _ = meta_loss(self.backbone, params, self.inner_loss, sx[part], sy[part], qx[part],
-                                          qy[part], config, engine)
-                torch.autograd.grad(probe_loss, list(params.values()), allow_unused=True)
+                                          qy[part], config, engine, lrs)
+                torch.autograd.grad(probe_loss, learned, allow_unused=True)
 
         engine = self._resolve_engine(probe)
         if self.automatic_optimization:
-            loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine)
+            loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine, lrs)
             self._check_finite(loss)
             self._log_train(loss / self.config.inner_loss_scale, outputs, qy)  # comparable across algorithms
             return loss
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss, outputs = meta_backward(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine,
-                                      self.config.task_chunk)
+                                      self.config.task_chunk, lrs)
         self._check_finite(loss)  # before the step: a diverged meta-gradient never reaches the parameters
         optimizer.step()
         self._log_train(loss / self.config.inner_loss_scale, outputs, qy)
         return None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)
+        return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)  # with Meta-SGD: the rates too
+
+
+def _lr_key(name: str) -> str:
+    """A parameter name as a ParameterDict key (which may not contain ".")."""
+    return name.replace(".", "/")
+
+
+class MetaSGD(MAML):
+    """Meta-SGD (Li et al. 2017, arXiv:1707.09835): MAML whose inner step is ``theta - alpha * grad`` with a
+    learned ``alpha`` of the same shape as each adapted parameter.
+
+    The rates live in ``self.learned_lrs`` (one entry per adapted parameter, initialised to
+    ``config.inner_lr``); being module parameters, the outer Adam step meta-learns them with the backbone and
+    checkpoints carry them. Evaluation adapts with the learned rates (first order, ``eval_steps``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.learned_lrs = nn.ParameterDict({
+            _lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.config.inner_lr))
+            for name, p in self.params().items()})
+
+    def inner_lrs(self) -> Params:
+        return {name: self.learned_lrs[_lr_key(name)] for name in self.params()}
 
 
 class Reptile(MetaLearner):
@@ -344,7 +383,8 @@ def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None,
     return frozenset(chosen)
 
 
-MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "reptile": Reptile, "transfer": Transfer}
+MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MetaSGD,
+                                         "reptile": Reptile, "transfer": Transfer}
 
 
 def build_algorithm(backbone: nn.Module, problem: Problem, config: AlgorithmConfig,

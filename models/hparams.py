@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# "transfer" is the fine-tuning baseline (supervised pre-training, then the same test-time adaptation);
-# it is defined for class-agnostic labels only (1-way segmentation).
-# The one home of these lists: the inner loop, the CLI and the benchmarks import them from here.
-ALGORITHMS = ("maml", "fomaml", "reptile", "transfer")
+# "anil" is MAML adapting only the network's head in the inner loop (Raghu et al. 2020); "metasgd" is MAML with a
+# learned inner step size per parameter entry (Li et al. 2017). "transfer" is the fine-tuning baseline (supervised
+# pre-training, then the same test-time adaptation); it is defined for class-agnostic labels only (1-way
+# segmentation). The one home of these lists: the inner loop, the CLI and the benchmarks import them from here.
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "transfer")
+SECOND_ORDER = ("maml", "anil", "metasgd")  # differentiate through the inner steps in training
+ANIL_HEAD = "head"  # the parameter-name prefix of every backbone's classifier (Conv4, MLP, ConvSeg)
 BN_MODES = ("transductive", "non-transductive")
 INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
 ENGINES = ("auto", *INNER_ENGINES)  # algorithm.engine: "auto" times INNER_ENGINES' candidates on the first step
@@ -21,10 +24,10 @@ class AlgorithmConfig:
     name: str = "maml"
     meta_batch: int = 32
     inner_steps: int = 1
-    inner_lr: float = 0.4
+    inner_lr: float = 0.4  # metasgd: the initial value of every learned per-parameter rate
     inner_optimizer: str = "sgd"  # "adam" = Adam with beta1 = 0 (Reptile)
     eval_steps: int = 3
-    eval_lr: float | None = None  # None: same as inner_lr
+    eval_lr: float | None = None  # None: same as inner_lr (metasgd: its learned rates, so it must stay None)
     meta_lr: float = 1e-3  # MAML/FOMAML: Adam learning rate; Reptile: outer step size epsilon
     meta_lr_final: float | None = None  # Reptile: epsilon at the last step (linear annealing); None = 0
     bn_mode: str = "transductive"  # or "non-transductive" (the Reptile paper's protocol)
@@ -38,8 +41,9 @@ class AlgorithmConfig:
     # MAML/FOMAML: back-propagate the meta-loss this many tasks at a time (same gradient, peak memory of one
     # chunk instead of the whole meta-batch); None = the whole meta-batch at once.
     task_chunk: int | None = None
-    # Parameter-name prefixes adapted in the inner loop (e.g. ["decoder", "head"]); None = every parameter.
-    # The rest are meta-learned (MAML/FOMAML) or pre-trained (transfer) but frozen during adaptation.
+    # Parameter-name prefixes adapted in the inner loop (e.g. ["decoder", "head"]); None = every parameter
+    # (anil: ["head"]). The rest are meta-learned (MAML/FOMAML/ANIL) or pre-trained (transfer) but frozen during
+    # adaptation.
     adapt: list[str] | None = None
     # Whether the inner loop adapts batch-norm parameters. MAML's reference code does not: its batch-norm
     # offsets are TF variables outside the ``weights`` dict that ``tf.gradients`` adapts, yet trainable, so the
@@ -52,6 +56,8 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.name!r}; known: {', '.join(ALGORITHMS)}")
+        if self.name == "anil" and self.adapt is None:
+            self.adapt = [ANIL_HEAD]  # ANIL is MAML whose inner loop adapts the head only
         for key, options in (("bn_mode", BN_MODES), ("engine", ENGINES), ("inner_optimizer", INNER_OPTIMIZERS)):
             if getattr(self, key) not in options:
                 raise ValueError(f"algorithm.{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
@@ -77,8 +83,20 @@ class AlgorithmConfig:
         for key in ("inner_lr", "meta_lr", "inner_loss_scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
+        self._check_metasgd()
+
+    def _check_metasgd(self) -> None:
+        """Meta-SGD's inner rule is SGD with its own learned rates, at training and at test time."""
+        if self.name != "metasgd":
+            return
+        if self.inner_optimizer != "sgd":
+            raise ValueError(f"algorithm.inner_optimizer must be sgd for metasgd (its inner step is theta - alpha * "
+                             f"grad with learned alpha), got {self.inner_optimizer!r}")
+        if self.eval_lr is not None:
+            raise ValueError("algorithm.eval_lr must be null for metasgd: evaluation adapts with the learned "
+                             "per-parameter rates (algorithm.inner_lr is only their initial value)")
 
     @property
     def first_order(self) -> bool:
         """Whether training drops the second-order terms (FOMAML; Reptile needs no meta-gradient at all)."""
-        return self.name != "maml"
+        return self.name not in SECOND_ORDER

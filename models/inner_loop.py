@@ -1,4 +1,4 @@
-"""The one functional inner loop shared by every algorithm (MAML, FOMAML, Reptile).
+"""The one functional inner loop shared by every algorithm (MAML, FOMAML, ANIL, Meta-SGD, Reptile).
 
 Parameters travel as plain dicts (``Params``); the backbone is run through ``torch.func.functional_call``.
 ``adapt`` adapts ONE task and is a pure function ``params -> adapted params``; ``adapt_tasks`` maps it over a
@@ -15,6 +15,10 @@ meta-batch with one of three engines:
 With ``first_order=False`` the adapted parameters stay differentiable w.r.t. the incoming ones by ordinary
 outer autograd, so ``meta_loss(...).backward()`` is second-order MAML. Backbones must be buffer-free (see
 ``metabench.models.backbones.BatchNorm2d``) for vmap to be exact.
+
+The inner step size is ``config.lr`` unless ``lrs`` (a dict like ``params``, same shapes) is given: then each
+entry has its own step size, ``theta - lrs * grad`` elementwise (Meta-SGD, Li et al. 2017). ``lrs`` may require
+grad; the meta-gradient then reaches them through every engine exactly as it reaches ``params``.
 """
 
 from __future__ import annotations
@@ -106,12 +110,14 @@ def _safe_sqrt(v: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
-def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: InnerConfig) -> Params:
+def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: InnerConfig,
+          lrs: Params | None = None) -> Params:
     """Adapt ``params`` to ONE task (support ``x``, ``y``) with ``config.steps`` gradient steps.
 
     Pure: returns new tensors, never touches ``params``. With ``first_order=False`` the result is
     differentiable w.r.t. ``params`` through every inner step; with ``first_order=True`` the inner
-    gradients are constants, so d(adapted)/d(params) is the identity (for SGD).
+    gradients are constants, so d(adapted)/d(params) is the identity (for SGD). ``lrs``: per-entry step
+    sizes replacing ``config.lr`` (Meta-SGD); the result is differentiable w.r.t. them in both modes.
     """
     grad_fn = grad(task_loss)
     m: Params = {}
@@ -123,13 +129,20 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
                 grads = grad_fn(params, xi, yi)
         else:
             grads = grad_fn(params, xi, yi)
-        params = _inner_update(params, grads, m, v, step, config)
+        params = _inner_update(params, grads, m, v, step, config, lrs)
     return params
 
 
-def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig) -> Params:
-    """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state)."""
+def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig,
+                  lrs: Params | None = None) -> Params:
+    """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state).
+
+    ``lrs[k]`` (shape of the parameter) replaces ``config.lr`` for parameter ``k``; it broadcasts over a leading
+    task dim, so the "batched" engine's ``[T, *shape]`` parameters share one set of rates.
+    """
     if config.optimizer == "sgd":
+        if lrs is not None:  # Meta-SGD: theta - alpha * grad, elementwise (l2l's meta_sgd_update, same op order)
+            return {k: p - lrs[k] * grads[k] for k, p in params.items()}
         # One fused op (and one in the backward) instead of mul + sub (+ neg): these are the largest tensors of a
         # batched meta-step ([T, *shape]); what it bought is in benchmarks/README.md.
         return {k: torch.add(p, grads[k], alpha=-config.lr) for k, p in params.items()}
@@ -141,7 +154,8 @@ def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int
         v[k] = (1.0 - beta2) * g * g if k not in v else beta2 * v[k] + (1.0 - beta2) * g * g
         m_hat = m[k] / (1.0 - beta1**step)
         v_hat = v[k] / (1.0 - beta2**step)
-        new_params[k] = p - config.lr * m_hat / (_safe_sqrt(v_hat) + config.adam_eps)
+        lr = config.lr if lrs is None else lrs[k]
+        new_params[k] = p - lr * m_hat / (_safe_sqrt(v_hat) + config.adam_eps)
     return new_params
 
 
@@ -149,12 +163,13 @@ def _batched_ok(task_loss: TaskLoss, params: Params) -> bool:
     return isinstance(task_loss, FunctionalLoss) and supports_batched(task_loss.model, params)
 
 
-def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig) -> Params:
+def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
+                  lrs: Params | None = None) -> Params:
     """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engine).
 
-    ``params`` are shared ``[*shape]``; returns ``[T, *shape]``. Each step runs ``batched_forward`` once and
-    takes ONE ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the tasks
-    share no computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
+    ``params`` (and ``lrs``) are shared ``[*shape]``; returns ``[T, *shape]``. Each step runs ``batched_forward``
+    once and takes ONE ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the
+    tasks share no computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
     """
     model, loss = task_loss.model, task_loss.loss
     tasks = xs.shape[0]
@@ -162,21 +177,22 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
     # Second order only where the outer graph can use it; otherwise inner gradients are constants (as in
     # ``adapt``, whose torch.func.grad gives the same values either way).
     second_order = not config.first_order and torch.is_grad_enabled() and any(
-        p.requires_grad for p in params.values())
+        t.requires_grad for t in (*params.values(), *(lrs or {}).values()))
     current = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
     m: Params = {}
     v: Params = {}
     for step in range(1, config.steps + 1):
         xi, yi = (xs[:, step - 1], ys[:, step - 1]) if config.per_step_batches else (xs, ys)
         if second_order:
-            leaves = current
+            # params outside the outer graph (when only the lrs require grad) still need a leaf to differentiate
+            leaves = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in current.items()}
         else:
             leaves = {k: p.detach().requires_grad_() for k, p in current.items()}
         with torch.enable_grad():
             total = per_task_loss(model.batched_forward(with_frozen(model, leaves, tasks), xi), yi).sum()
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
                                         allow_unused=True, materialize_grads=True)
-        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config)
+        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config, lrs)
     return {k: p.contiguous() for k, p in current.items()}  # 0 steps: a real [T, ...] copy, as the other engines
 
 
@@ -186,17 +202,21 @@ def _check_engine(engine: str) -> None:
 
 
 def adapt_tasks(params: Params, task_loss: TaskLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
-                engine: str = "vmap") -> Params:
+                engine: str = "vmap", lrs: Params | None = None) -> Params:
     """Adapt ``params`` to each task of a meta-batch: ``xs [T, n, ...]``, ``ys [T, n, ...]``.
 
-    Returns adapted parameters with a leading task dim ``[T, *shape]``.
+    ``lrs``: per-entry inner step sizes shared by the tasks (Meta-SGD), else ``config.lr``. Returns adapted
+    parameters with a leading task dim ``[T, *shape]``.
     """
     _check_engine(engine)
+    if lrs is not None and set(lrs) != set(params):
+        raise ValueError(f"lrs must name exactly the adapted parameters; missing {sorted(set(params) - set(lrs))}, "
+                         f"extra {sorted(set(lrs) - set(params))}")
     if engine == "vmap":
-        return vmap(adapt, in_dims=(None, None, 0, 0, None))(params, task_loss, xs, ys, config)
+        return vmap(adapt, in_dims=(None, None, 0, 0, None, None))(params, task_loss, xs, ys, config, lrs)
     if engine == "batched" and _batched_ok(task_loss, params):
-        return adapt_batched(params, task_loss, xs, ys, config)  # type: ignore[arg-type]
-    per_task = [adapt(params, task_loss, x, y, config) for x, y in zip(xs, ys)]
+        return adapt_batched(params, task_loss, xs, ys, config, lrs)  # type: ignore[arg-type]
+    per_task = [adapt(params, task_loss, x, y, config, lrs) for x, y in zip(xs, ys)]
     return {k: torch.stack([p[k] for p in per_task]) for k in params}
 
 
@@ -216,14 +236,15 @@ def task_outputs(model: nn.Module, adapted: Params, xs: Tensor, engine: str = "v
 
 def meta_loss(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, Tensor], Tensor],
               support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, config: InnerConfig,
-              engine: str = "vmap") -> tuple[Tensor, Tensor]:
+              engine: str = "vmap", lrs: Params | None = None) -> tuple[Tensor, Tensor]:
     """MAML's objective (FOMAML's with ``config.first_order``): mean over tasks of the query loss after adapting.
 
     ``task_loss_fn(outputs, targets)`` is the per-task loss (e.g. ``F.cross_entropy``), used both for the
-    inner steps on the support set and for the query loss. Returns ``(loss, query_outputs)``: a scalar
-    differentiable w.r.t. ``params`` and the detached query outputs ``[T, m, ways]``.
+    inner steps on the support set and for the query loss. ``lrs``: per-entry inner step sizes (Meta-SGD).
+    Returns ``(loss, query_outputs)``: a scalar differentiable w.r.t. ``params`` (and ``lrs``) and the detached
+    query outputs ``[T, m, ways]``.
     """
-    adapted = adapt_tasks(params, functional_loss(model, task_loss_fn), support_x, support_y, config, engine)
+    adapted = adapt_tasks(params, functional_loss(model, task_loss_fn), support_x, support_y, config, engine, lrs)
     outputs = task_outputs(model, adapted, query_x, engine)
     if engine in ("vmap", "batched"):
         losses = vmap(task_loss_fn)(outputs, query_y)
@@ -234,7 +255,8 @@ def meta_loss(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, 
 
 def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, Tensor], Tensor],
                   support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, config: InnerConfig,
-                  engine: str = "vmap", task_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+                  engine: str = "vmap", task_chunk: int | None = None,
+                  lrs: Params | None = None) -> tuple[Tensor, Tensor]:
     """``meta_loss(...).backward()`` in chunks of ``task_chunk`` tasks, to cap memory.
 
     The meta-loss is the mean of independent task losses, so its gradient is the sum over chunks of
@@ -253,7 +275,7 @@ def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tens
     for start in range(0, tasks, chunk):
         part = slice(start, min(start + chunk, tasks))
         loss, out = meta_loss(model, params, task_loss_fn, support_x[part], support_y[part], query_x[part],
-                              query_y[part], config, engine)
+                              query_y[part], config, engine, lrs)
         weight = (part.stop - part.start) / tasks
         (loss * weight).backward()
         total = total + loss.detach() * weight

@@ -1,4 +1,5 @@
-"""Parity with learn2learn 0.2.0: metabench's MAML / FOMAML meta-gradients equal ``l2l.algorithms.MAML``'s.
+"""Parity with learn2learn 0.2.0: metabench's MAML / FOMAML meta-gradients equal ``l2l.algorithms.MAML``'s, and
+its Meta-SGD meta-gradients (w.r.t. the parameters and the per-parameter rates) ``l2l.algorithms.MetaSGD``'s.
 
 learn2learn is an optional oracle, never a dependency of metabench: install it with
 ``bash benchmarks/install_learn2learn.sh``. Without it this module skips on a developer machine but FAILS
@@ -113,6 +114,59 @@ def test_second_order_terms_are_not_negligible(steps: int) -> None:
     _, second = _metabench_grads(model, batch, steps, first_order=False, engine="sequential")
     _, first = _metabench_grads(model, batch, steps, first_order=True, engine="sequential")
     assert rel_err(first, second) > 1e-3
+
+
+def _random_lrs(model: nn.Module) -> list[Tensor]:
+    """Per-entry Meta-SGD rates from U[0.05, 0.35) (seed 2): unequal, so that a mixed-up entry would show."""
+    gen = torch.Generator().manual_seed(2)
+    return [0.05 + 0.3 * torch.rand(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
+
+
+def _l2l_metasgd_grads(model: nn.Module, rates: list[Tensor], batch: tuple[Tensor, ...], steps: int,
+                       first_order: bool) -> tuple[Tensor, list[Tensor]]:
+    """learn2learn's Meta-SGD: clone (parameters and rates) + adapt per task; grads w.r.t. init, then rates."""
+    xs, ys, xq, yq = batch
+    lrs = nn.ParameterList([nn.Parameter(r.clone()) for r in rates])
+    meta = l2l.algorithms.MetaSGD(model, first_order=first_order, lrs=lrs)
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(TASKS):
+        learner = meta.clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+        total = total + F.cross_entropy(learner(xq[t]), yq[t])
+    loss = total / TASKS
+    return loss.detach(), list(torch.autograd.grad(loss, [*meta.module.parameters(), *meta.lrs]))
+
+
+def _metabench_metasgd_grads(model: nn.Module, rates: list[Tensor], batch: tuple[Tensor, ...], steps: int,
+                             first_order: bool, engine: str) -> tuple[Tensor, list[Tensor]]:
+    params = dict(model.named_parameters())
+    lrs = {k: r.clone().requires_grad_() for k, r in zip(params, rates)}
+    config = InnerConfig(steps=steps, lr=LR, first_order=first_order)  # lr unused: the rates replace it
+    loss, _ = meta_loss(model, params, F.cross_entropy, *batch, config, engine, lrs)
+    return loss.detach(), list(torch.autograd.grad(loss, [*params.values(), *lrs.values()]))
+
+
+@pytest.mark.parametrize("backbone,engine", [("conv4", "vmap"), ("conv4", "batched"), ("conv4", "sequential"),
+                                            ("mlp", "batched")])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_metasgd_meta_gradient_matches_learn2learn(steps: int, first_order: bool, backbone: str, engine: str) -> None:
+    """Meta-SGD: the meta-gradient w.r.t. theta AND alpha equals learn2learn's (float64, <= 1e-10)."""
+    model = _model(backbone)
+    reference = copy.deepcopy(model)
+    rates = _random_lrs(model)
+    batch = _batch()
+
+    ref_loss, ref_grads = _l2l_metasgd_grads(reference, rates, batch, steps, first_order)
+    loss, grads = _metabench_metasgd_grads(model, rates, batch, steps, first_order, engine)
+
+    assert abs(loss.item() - ref_loss.item()) <= RTOL * abs(ref_loss.item())
+    names = [name for name, _ in model.named_parameters()]
+    _assert_grads_equal(grads, ref_grads, names + [f"lr[{name}]" for name in names])
+    count = len(names)  # the rates' part alone is far from 0 and matches too (not drowned by theta's scale)
+    assert flat(ref_grads[count:]).abs().max().item() > 1e-3
+    assert rel_err(grads[count:], ref_grads[count:]) <= RTOL
 
 
 def test_oracle_version() -> None:

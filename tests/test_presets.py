@@ -16,7 +16,10 @@ from metabench.datasets.omniglot import DRAWINGS
 PAPER_BENCHMARKS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
                     "mini-imagenet-5w1s", "mini-imagenet-5w5s")
 MAML_ARXIV, REPTILE_ARXIV = "1703.03400", "1803.02999"
+ANIL_ARXIV, METASGD_ARXIV = "1909.09157", "1707.09835"
 META_LEARNERS = ("maml", "fomaml", "reptile")  # every benchmark defines these; "transfer" only 1-way segmentation
+# every classification benchmark defines these too (the segmentation presets do not, yet)
+CLASSIFICATION_ALGORITHMS = ["maml", "fomaml", "anil", "metasgd", "reptile"]
 
 
 def test_paper_benchmarks_are_listed() -> None:
@@ -45,6 +48,30 @@ def test_paper_preset_is_default_and_cites_the_papers(benchmark: str) -> None:
         arxiv = REPTILE_ARXIV if algorithm == "reptile" else MAML_ARXIV
         assert arxiv in config.algorithm.source
         assert re.search(r"(App\.|Sec\.|Table)", config.algorithm.source)  # a section, table or appendix
+
+
+@pytest.mark.parametrize("benchmark", (*PAPER_BENCHMARKS, "synthetic-5w1s"))
+def test_classification_presets_define_the_maml_family(benchmark: str) -> None:
+    assert preset_algorithms(benchmark) == CLASSIFICATION_ALGORITHMS
+
+
+@pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
+def test_anil_and_metasgd_cite_their_papers_and_otherwise_use_maml_values(benchmark: str) -> None:
+    """Their papers' text established only the algorithm (ANIL: head-only inner loop; Meta-SGD: learned rates,
+    one step); every other value is MAML's for the benchmark, and the source says so."""
+    maml, anil, metasgd = (resolve(benchmark, a) for a in ("maml", "anil", "metasgd"))
+    assert ANIL_ARXIV in anil.algorithm.source and METASGD_ARXIV in metasgd.algorithm.source
+    for config in (anil, metasgd):
+        assert config.preset == "paper" and not config.algorithm.first_order
+        assert MAML_ARXIV in config.algorithm.source and "Abstract" in config.algorithm.source
+        assert (config.episodes, config.trainer, config.model, config.data) == \
+            (maml.episodes, maml.trainer, maml.model, maml.data)
+    assert anil.algorithm.adapt == ["head"]
+    assert dataclasses.replace(anil.algorithm, name="maml", source="", adapt=None) == \
+        dataclasses.replace(maml.algorithm, source="")
+    assert (metasgd.algorithm.inner_steps, metasgd.algorithm.eval_steps, metasgd.algorithm.eval_lr) == (1, 1, None)
+    assert dataclasses.replace(metasgd.algorithm, name="maml", source="", inner_steps=maml.algorithm.inner_steps,
+                               eval_steps=maml.algorithm.eval_steps) == dataclasses.replace(maml.algorithm, source="")
 
 
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
@@ -250,7 +277,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_unknown_algorithm() -> None:
-    with pytest.raises(ConfigError, match=r"unknown algorithm 'protonet'; known: maml, fomaml, reptile"):
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'protonet'; known: maml, fomaml, anil, metasgd, reptile"):
         resolve("omniglot-5w1s", "protonet")
 
 
@@ -273,7 +300,7 @@ def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
 def test_batch_norm_is_the_authors_codes(benchmark: str) -> None:
     """MAML's code: tf.contrib.layers.batch_norm defaults (offset only, epsilon 1e-3), offsets not adapted in the
     inner loop; Reptile's: tf.layers.batch_normalization defaults (scale and offset, epsilon 1e-3), all adapted."""
-    for algorithm in ("maml", "fomaml"):
+    for algorithm in ("maml", "fomaml", "anil", "metasgd"):
         config = resolve(benchmark, algorithm, "paper")
         assert config.model.options["norm_scale"] is False and config.model.options["norm_eps"] == 0.001
         assert config.algorithm.adapt_norm is False
