@@ -57,7 +57,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread() -> None:
     """One torch thread for the whole suite: on a 2-core machine shared with other work, OpenMP's spinning
-    threads make the many tiny convolutions of these tests up to 20x slower; one thread is never that slow."""
+    threads make the many tiny convolutions of these tests many times slower; one thread is never that slow."""
     torch.set_num_threads(1)
 
 
