@@ -53,18 +53,23 @@ def _batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
                       query_labels="balanced")
 
 
-def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int,
-               first_order: bool) -> tuple[Tensor, list[Tensor]]:
-    """learn2learn's reference: clone + adapt per task, query loss averaged over tasks, grads w.r.t. the init."""
+def _l2l_meta_loss(wrapper: nn.Module, batch: tuple[Tensor, ...], steps: int) -> Tensor:
+    """learn2learn's documented loop (MAML or MetaSGD wrapper): clone + adapt per task, mean query loss."""
     xs, ys, xq, yq = batch
-    maml = l2l.algorithms.MAML(model, lr=LR, first_order=first_order)
     total = torch.zeros((), dtype=torch.float64)
     for t in range(TASKS):
-        learner = maml.clone()
+        learner = wrapper.clone()
         for _ in range(steps):
             learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
         total = total + F.cross_entropy(learner(xq[t]), yq[t])
-    loss = total / TASKS
+    return total / TASKS
+
+
+def _l2l_grads(model: nn.Module, batch: tuple[Tensor, ...], steps: int,
+               first_order: bool) -> tuple[Tensor, list[Tensor]]:
+    """learn2learn's reference: clone + adapt per task, query loss averaged over tasks, grads w.r.t. the init."""
+    maml = l2l.algorithms.MAML(model, lr=LR, first_order=first_order)
+    loss = _l2l_meta_loss(maml, batch, steps)
     return loss.detach(), list(torch.autograd.grad(loss, list(maml.module.parameters())))
 
 
@@ -125,16 +130,9 @@ def _random_lrs(model: nn.Module) -> list[Tensor]:
 def _l2l_metasgd_grads(model: nn.Module, rates: list[Tensor], batch: tuple[Tensor, ...], steps: int,
                        first_order: bool) -> tuple[Tensor, list[Tensor]]:
     """learn2learn's Meta-SGD: clone (parameters and rates) + adapt per task; grads w.r.t. init, then rates."""
-    xs, ys, xq, yq = batch
     lrs = nn.ParameterList([nn.Parameter(r.clone()) for r in rates])
     meta = l2l.algorithms.MetaSGD(model, first_order=first_order, lrs=lrs)
-    total = torch.zeros((), dtype=torch.float64)
-    for t in range(TASKS):
-        learner = meta.clone()
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
-        total = total + F.cross_entropy(learner(xq[t]), yq[t])
-    loss = total / TASKS
+    loss = _l2l_meta_loss(meta, batch, steps)
     return loss.detach(), list(torch.autograd.grad(loss, [*meta.module.parameters(), *meta.lrs]))
 
 
