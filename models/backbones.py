@@ -83,19 +83,23 @@ class Conv4(nn.Module):
     ``global_pool=True`` averages the final map over space instead of flattening it: MAML's reference code
     does this for Omniglot (64 features, ``tf.reduce_mean(hidden4, [1, 2])``), Reptile's flattens (256).
 
-    Init (MAML's reference code): Xavier-uniform conv weights and zero conv biases; the linear head is also
-    Xavier-uniform with zero bias (MAML drew it from a truncated normal; Xavier keeps one rule and a sane
-    scale for both the 256- and 800-wide features). Batch-norm affine starts at weight 1, bias 0.
+    Init (MAML's reference code): Xavier-uniform conv weights and zero conv biases; the linear head is
+    Xavier-uniform with zero bias by default. ``head_init_std=s`` draws the head's weight from N(0, s^2) instead:
+    MAML's Omniglot code has ``tf.random_normal([dim_hidden, dim_output])`` (s = 1; its mini-ImageNet head is
+    Xavier). Batch-norm affine starts at weight 1, bias 0.
 
     Input: float ``[B, in_channels, image_size, image_size]``, already scaled (e.g. uint8 / 255 by the caller).
     """
 
     def __init__(self, in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
-                 global_pool: bool = False, norm_eps: float = 1e-5, norm_scale: bool = True) -> None:
+                 global_pool: bool = False, norm_eps: float = 1e-5, norm_scale: bool = True,
+                 head_init_std: float | None = None) -> None:
         super().__init__()
         if min(in_channels, ways, image_size, hidden) < 1:
             raise ValueError(f"Conv4 needs positive sizes, got in_channels={in_channels}, ways={ways}, "
                              f"image_size={image_size}, hidden={hidden}")
+        if head_init_std is not None and not head_init_std > 0:
+            raise ValueError(f"Conv4: head_init_std must be positive (or null for Xavier), got {head_init_std}")
         self.features = nn.Sequential(
             *(_conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps, norm_scale) for i in range(4)),
             *([nn.AdaptiveAvgPool2d(1)] if global_pool else []),
@@ -103,7 +107,7 @@ class Conv4(nn.Module):
         )
         self.feature_size = self._dry_feature_size(in_channels, image_size)
         self.head = nn.Linear(self.feature_size, ways)
-        self._init_weights()
+        self._init_weights(head_init_std)
 
     def _dry_feature_size(self, in_channels: int, image_size: int) -> int:
         """Flattened feature size for one image, from a dry forward pass (2 images: batch norm needs a batch)."""
@@ -114,11 +118,13 @@ class Conv4(nn.Module):
             except RuntimeError as error:  # e.g. pooling a 1x1 map
                 raise ValueError(f"Conv4: image_size={image_size} is too small for 4 blocks") from error
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, head_init_std: float | None) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        if head_init_std is not None:
+            nn.init.normal_(self.head.weight, std=head_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -174,7 +180,7 @@ def _batched_norm(layer: BatchNorm2d, name: str, params: dict[str, torch.Tensor]
 
 def conv4(in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
           global_pool: bool = False, **norm: Any) -> Conv4:
-    """Generic Conv4 (any filter count / pooling); ``norm``: ``norm_eps``, ``norm_scale``."""
+    """Generic Conv4 (any filter count / pooling); ``norm``: ``norm_eps``, ``norm_scale``, ``head_init_std``."""
     return Conv4(in_channels, ways, image_size, hidden=hidden, pool=pool, global_pool=global_pool, **norm)
 
 

@@ -57,6 +57,23 @@ def test_no_buffers_and_init() -> None:
     assert len(bn) == 4 and all(torch.all(m.weight == 1) for m in bn)
 
 
+def test_head_init_std_draws_the_head_from_a_normal() -> None:
+    """MAML's Omniglot head is tf.random_normal (std 1); the convolutions keep Xavier, whatever the head."""
+    torch.manual_seed(0)
+    xavier = Conv4(1, 5, 28, hidden=64, global_pool=True)
+    torch.manual_seed(0)
+    normal = Conv4(1, 5, 28, hidden=64, global_pool=True, head_init_std=1.0)
+    for (name, a), (_, b) in zip(xavier.named_parameters(), normal.named_parameters()):
+        if name != "head.weight":
+            assert torch.equal(a, b), name
+    bound = (6 / (64 + 5)) ** 0.5  # Xavier-uniform's bound
+    assert xavier.head.weight.abs().max() <= bound
+    assert 0.8 < normal.head.weight.std().item() < 1.2 and normal.head.weight.abs().max() > bound
+    assert torch.all(normal.head.bias == 0)
+    with pytest.raises(ValueError, match="head_init_std must be positive"):
+        Conv4(1, 5, 28, head_init_std=0.0)
+
+
 def test_batchnorm_matches_functional_batch_norm() -> None:
     torch.manual_seed(0)
     x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 3 + 1

@@ -81,7 +81,9 @@ def test_fixed_part_matches_the_protocol(benchmark: str) -> None:
     e = config.episodes
     assert (e.ways, e.shots, e.queries, e.val_episodes, e.test_episodes, e.eval_seed) == (ways, shots, 15, 100, 600, 0)
     if benchmark.startswith("omniglot"):
-        assert config.data.name == "omniglot" and config.data.options == {"scheme": "vinyals"}
+        # MAML's own class split and head init, so that the number compares with Finn et al.'s (preset comments)
+        assert config.data.name == "omniglot" and config.data.options == {"scheme": "maml"}
+        assert config.model.options["head_init_std"] == 1.0
         assert config.model.backbone == "conv4-omniglot" and config.model.invert is True
         assert config.model.options.get("hidden", 64) == 64
     else:
@@ -190,7 +192,7 @@ def test_config_file_sits_between_preset_and_overrides(tmp_path: Path) -> None:
     assert config.algorithm.inner_lr == 0.3  # override beats file
     assert config.trainer.max_steps == 5
     assert config.data.root == "/some/where"
-    assert config.data.options == {"scheme": "vinyals"}  # merged, not replaced
+    assert config.data.options == {"scheme": "maml"}  # merged, not replaced
     assert config.algorithm.inner_steps == 5  # preset value survives
 
 
