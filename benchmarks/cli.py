@@ -148,7 +148,8 @@ def add_episodes(sub: Subparsers) -> None:
 
 _FLAG_KEYS = (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
               ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
-              ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes"))
+              ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes"),
+              ("devices", "trainer.devices"), ("num_nodes", "trainer.num_nodes"), ("strategy", "trainer.strategy"))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -187,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
     results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
-    print_comparison([r.record for r in results], [r.record_path for r in results])
+    if all(r.primary for r in results):  # several processes: rank 0 reports
+        print_comparison([r.record for r in results], [r.record_path for r in results])
     return 0
 
 
@@ -196,6 +198,10 @@ def add_run(sub: Subparsers) -> None:
                                    "synthetic glyphs)")
     _run_args(p)
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--devices", type=int, help="processes per node, each with its share of every meta-batch "
+                                                "(with --strategy ddp; GPUs, or CPU processes)")
+    p.add_argument("--num-nodes", type=int, help="nodes (with --strategy ddp; torchrun / SLURM set the ranks)")
+    p.add_argument("--strategy", choices=("auto", "ddp"), help="ddp: one process per device (Lightning DDP)")
     p.add_argument("--logger", choices=("none", "csv", "wandb"))
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -70,6 +70,11 @@ class TrainerConfig:
     # CPU threads for torch (None: torch's default). On a 2-core machine shared with other jobs, OpenMP's
     # spinning threads can slow small convolutions many-fold; 1 thread is the robust choice there.
     cpu_threads: int | None = None
+    # Processes: ``devices`` per node x ``num_nodes``, each with its share of every meta-batch (strategy "ddp",
+    # benchmarks/distributed.py); "auto" is one process. Records do not depend on the number of processes.
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
 
 
 @dataclass

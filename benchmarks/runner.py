@@ -3,6 +3,11 @@
 Seeds: ``trainer.seed`` seeds the initialization (Lightning's ``seed_everything``) and the training episodes
 (batch ``g`` is drawn from ``(seed, g)``); the test episodes are fixed by ``episodes.eval_seed`` and named by
 their digest, identical for every algorithm and seed.
+
+Processes: ``trainer.strategy: ddp`` with ``trainer.devices`` x ``trainer.num_nodes`` processes runs Lightning's
+DDP launch (its own processes, or those of torchrun / SLURM, which Lightning detects) with :class:`MetaDDP`.
+Every process runs this whole file's flow on its share of the work (``benchmarks/distributed.py``); only rank 0
+writes the record, checkpoints (Lightning) and logs.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy
 
+from metabench.atomic import atomic_write_bytes
 from metabench.config import ConfigError, RunConfig
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
+from metabench.distributed import check_world
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
 from metabench.models.problems import Classification, Segmentation
@@ -43,6 +52,7 @@ class RunResult:
     record: Record
     record_path: Path
     run_dir: Path
+    primary: bool = True  # rank 0 (the only process that writes); False on the other ranks of a DDP run
 
 
 class _Clock(Callback):
@@ -88,6 +98,42 @@ class _Curve(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [list(p) for p in state_dict.get("points", [])]
+
+
+class MetaDDP(DDPStrategy):
+    """Lightning's DDP strategy (process launch, torchrun / SLURM environments, gloo on CPU and NCCL on GPU,
+    rank-0 checkpoints and loggers) WITHOUT the ``DistributedDataParallel`` wrapper.
+
+    The meta-learners average their own meta-gradient (``MetaLearner.sync_meta_gradient``): DDP's reducer
+    assumes one backward per forward, which Reptile's hand-set gradients and chunked or second-order MAML do not
+    follow. Only the initial weights are broadcast from rank 0 (they are equal anyway: same seed)."""
+
+    def configure_ddp(self) -> None:
+        _sync_module_states(self.model)
+
+
+STRATEGIES = ("auto", "ddp")
+
+
+def world_size(config: RunConfig) -> int:
+    """Processes of the run (devices x nodes); checks the strategy and that every rank gets a task."""
+    t = config.trainer
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}")
+    if t.devices < 1 or t.num_nodes < 1:
+        raise ConfigError(f"trainer.devices and trainer.num_nodes must be >= 1, got {t.devices}, {t.num_nodes}")
+    size = t.devices * t.num_nodes
+    if size > 1 and t.strategy != "ddp":
+        raise ConfigError(f"{t.devices} devices x {t.num_nodes} nodes need --strategy ddp (trainer.strategy)")
+    try:
+        check_world(config.algorithm.meta_batch, size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return size
+
+
+def _strategy(config: RunConfig) -> Any:
+    return MetaDDP(process_group_backend=None) if config.trainer.strategy == "ddp" else "auto"
 
 
 def task_of(config: RunConfig) -> str:
@@ -137,11 +183,14 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, processes: int = 1) -> str:
+    """The machine as records name it, e.g. ``cpu (x86_64, 2 cores)``, with ``x N processes`` when N > 1."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
+        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return name if processes == 1 else f"{name} x {processes} processes"
 
 
 def run_dir_for(config: RunConfig) -> Path:
@@ -157,6 +206,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*with manual optimization and every_n_train_steps.*")
+    # Under DDP the logged evaluation metrics are computed from the scores of every rank (gathered in order), so
+    # they are already the same everywhere: Lightning's advice to reduce them again does not apply.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaLearner, dict[str, torch.Tensor]]:
@@ -165,6 +217,7 @@ def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaL
     The order (seed, data, module) is fixed: ``metabench test`` rebuilds the same initialization this way.
     """
     quiet_lightning()
+    world_size(config)  # a bad strategy / world fails before any data is read
     device = pick_device(config.trainer.accelerator)
     if config.trainer.cpu_threads is not None:
         if config.trainer.cpu_threads < 1:
@@ -186,14 +239,17 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     if resume and not last.exists():
         print(f"metabench: nothing to resume in {run_dir} (no checkpoints/last.ckpt): starting a fresh run",
               file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")  # what metabench test checks
+    # What metabench test checks; every process writes the same bytes, atomically.
+    atomic_write_bytes(run_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode(),
+                       durable=False)
     clock = _Clock()
     curve = _Curve(clock)
     trainer, logger = _fit(config, module, datamodule, device, run_dir, clock, curve, progress,
                            resume and last.exists())
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=int(module.global_step),
                           train_seconds=clock.elapsed(), curve=curve.points, resolved={})
+    if not trainer.is_global_zero:  # one record per run, whatever the number of processes
+        return RunResult(record, Path(), run_dir, primary=False)
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None and config.logger == "wandb":
         from metabench.wandb_logging import log_record
@@ -215,7 +271,9 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, config.trainer.log_every // 5)))
     logger = _logger(config, run_dir)
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=config.trainer.max_steps,
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes, strategy=_strategy(config), use_distributed_sampler=False,
+        max_steps=config.trainer.max_steps,
         max_time={"minutes": config.trainer.max_time_minutes} if config.trainer.max_time_minutes else None,
         val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=config.trainer.log_every, inference_mode=False, logger=logger or False, callbacks=callbacks,
@@ -242,34 +300,40 @@ def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, dat
     eval_seconds = time.perf_counter() - start
     scores = module.test_scores.tolist()
     mean, ci = mean_ci95(scores)
+    processes = trainer.world_size
     return Record(
         run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
         config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings,
-                                                 **resolved}},
+                                                 "processes": processes, **resolved}},
         seed=config.trainer.seed, episode_digest=datamodule.digest("test"),
         num_episodes=len(scores), metric=module.problem.metric_name, scores=scores, mean=mean, ci95=ci,
         training_steps=steps, train_seconds=train_seconds, eval_seconds=eval_seconds,
         tasks_per_second=steps * config.algorithm.meta_batch / max(train_seconds, 1e-9),
-        device=device_name(device), versions=versions(), git_commit=git_commit(),
+        device=device_name(device, processes), versions=versions(), git_commit=git_commit(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        baseline=_random_init_baseline(config, datamodule, initial, trainer.accelerator),
+        baseline=_random_init_baseline(config, datamodule, initial, device),
         metrics=dict(module.test_metrics), curve=[list(p) for p in curve])
 
 
-def _test_trainer(accelerator: Any) -> L.Trainer:
-    """A Trainer for evaluation only: gradients on (adaptation needs them), no logger, no progress bar."""
-    return L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+def _test_trainer(device: torch.device) -> L.Trainer:
+    """A Trainer for evaluation only: gradients on (adaptation needs them), no logger, no progress bar.
+
+    One device per process: under DDP every process evaluates its round-robin share of the batches (the
+    data module and the module split and gather by the process group, not by the Trainer), on its own GPU."""
+    gpu = device.type == "cuda"
+    return L.Trainer(accelerator="gpu" if gpu else "cpu", devices=[torch.cuda.current_device()] if gpu else 1,
+                     logger=False, enable_progress_bar=False,
                      enable_model_summary=False, inference_mode=False)
 
 
 def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
-                          accelerator: Any) -> dict[str, float]:
+                          device: torch.device) -> dict[str, float]:
     """The same adaptation from the run's own random initialization, on the same episodes: what meta-training
     bought."""
     baseline = build_module(config, datamodule)
     baseline.backbone.load_state_dict(initial)
-    _test_trainer(accelerator).test(baseline, datamodule=datamodule, verbose=False)
+    _test_trainer(device).test(baseline, datamodule=datamodule, verbose=False)
     mean, ci = mean_ci95(baseline.test_scores.tolist())
     summary = {"random_init_mean": mean, "random_init_ci95": ci}
     summary.update({f"random_init_{k}": v for k, v in baseline.test_metrics.items()})
@@ -280,7 +344,7 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
 TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.test_episodes", "episodes.eval_seed", "episodes.eval_batch",
                       "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr", "algorithm.engine",
                       "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
-                      "records_dir", "out_dir", "logger")
+                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "records_dir", "out_dir", "logger")
 
 
 def trained_config(config: RunConfig) -> dict[str, Any] | None:
@@ -338,7 +402,7 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool
     states = checkpoint.get("callbacks", {})
     seconds = next((float(v["seconds"]) for k, v in states.items() if _Clock.__name__ in k), float("nan"))
     points = next((v["points"] for k, v in states.items() if _Curve.__name__ in k), [])
-    trainer = _test_trainer("gpu" if device.type == "cuda" else "cpu")
+    trainer = _test_trainer(device)
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=step, train_seconds=seconds,
                           curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step}})
     path = write_record(record, config.records_dir) if write else Path()

@@ -4,6 +4,10 @@ Training batch ``g`` (the g-th optimizer step) is drawn from a generator seeded 
 resumed from a checkpoint at step ``g`` sees exactly the episodes an uninterrupted run would have seen.
 With ``resident_device`` set, every split's images live on that device and episodes are gathered there:
 no host-to-device copy and no DataLoader worker on the hot path.
+
+Several processes (DDP, ``benchmarks/distributed.py``): rank ``r`` of ``W`` draws the SAME global meta-batch as one
+process would and keeps its contiguous share of the tasks, so training does not depend on ``W``; the fixed
+evaluation batches go round-robin (batch ``b`` to rank ``b % W``), each batch exactly as one process batches it.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
+from metabench.distributed import round_robin, task_slice, world
 
 SplitLoader = Callable[[str], ImageSplit]
 
 
 class _TrainEpisodes(IterableDataset):
-    """Endless meta-batches; batch ``g`` depends only on ``(seed, g)``."""
+    """Endless meta-batches; batch ``g`` depends only on ``(seed, g)``; ``share``: this rank's tasks of it."""
 
-    def __init__(self, module: EpisodicDataModule) -> None:
-        self.module = module
+    def __init__(self, module: EpisodicDataModule, share: slice) -> None:
+        self.module, self.share = module, share
 
     def __iter__(self) -> Iterator[MetaBatch]:
         module = self.module
@@ -34,22 +39,27 @@ class _TrainEpisodes(IterableDataset):
         while True:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([module.seed, step])))
             indices = module.train_sampler.sample(rng, module.meta_batch)
-            yield module.train_sampler.gather(indices, module._images["train"])
+            yield module.train_sampler.gather(indices.slice(self.share.start, self.share.stop),
+                                              module._images["train"])
             step += 1
 
 
 class _FixedEpisodes(IterableDataset):
-    """The fixed evaluation episodes of one split, in chunks of ``batch`` tasks."""
+    """The fixed evaluation episodes of one split, in chunks of ``batch`` tasks; rank ``rank`` of ``size``
+    yields chunks ``rank, rank + size, ...``."""
 
-    def __init__(self, sampler: EpisodeSampler, images: torch.Tensor, seed: int, count: int, batch: int) -> None:
+    def __init__(self, sampler: EpisodeSampler, images: torch.Tensor, seed: int, count: int, batch: int,
+                 rank: int = 0, size: int = 1) -> None:
         self.sampler, self.images, self.seed, self.count, self.batch = sampler, images, seed, count, batch
+        self.chunks = round_robin(-(-count // batch), rank, size)
 
     def __len__(self) -> int:
-        return -(-self.count // self.batch)
+        return len(self.chunks)
 
     def __iter__(self) -> Iterator[MetaBatch]:
         indices = self.sampler.fixed(self.seed, self.count)
-        for start in range(0, self.count, self.batch):
+        for chunk in self.chunks:
+            start = chunk * self.batch
             yield self.sampler.gather(indices.slice(start, start + self.batch), self.images)
 
 
@@ -105,6 +115,10 @@ class EpisodicDataModule(L.LightningDataModule):
         return self.sampler("train")
 
     def setup(self, stage: str | None = None) -> None:
+        if self.resident_device is not None and self.trainer is not None:
+            # Several GPUs: each process keeps its copy on its own device, known only once Lightning has set up.
+            self.resident_device = self.trainer.strategy.root_device
+            self._images = {role: images.to(self.resident_device) for role, images in self._images.items()}
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "",
                                                                                       ("train", "val", "test"))
         for role in roles:
@@ -116,12 +130,19 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.sampler("train")
-        return DataLoader(_TrainEpisodes(self), batch_size=None)
+        rank, size = world()
+        return DataLoader(_TrainEpisodes(self, task_slice(self.meta_batch, rank, size)), batch_size=None)
 
     def _fixed(self, role: str, count: int) -> DataLoader:
         sampler = self.sampler(role)
-        return DataLoader(_FixedEpisodes(sampler, self._images[role], self.eval_seed, count, self.eval_batch),
-                          batch_size=None)
+        rank, size = world()
+        chunks = -(-count // self.eval_batch)
+        if chunks < size:  # a rank without a batch would skip the evaluation and never join the gather
+            raise ValueError(f"{count} {role} episodes in batches of {self.eval_batch} make {chunks} batch(es), "
+                             f"fewer than the {size} processes: lower episodes.eval_batch to at most "
+                             f"{count // size}")
+        return DataLoader(_FixedEpisodes(sampler, self._images[role], self.eval_seed, count, self.eval_batch,
+                                         rank, size), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.val_episodes)

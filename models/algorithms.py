@@ -21,6 +21,10 @@
 - Evaluation adapts on each fixed episode's support set with the evaluation steps (always first order:
   no meta-gradient is needed) and scores the queries; batch-norm statistics come from the query batch
   ("transductive", as the MAML code) or from the support set plus one query ("non-transductive").
+- Several processes (DDP, ``benchmarks/distributed.py``): each rank trains on its share of the meta-batch and every
+  algorithm calls :meth:`MetaLearner.sync_meta_gradient` between its backward and its optimizer step, which
+  makes the gradient exactly the single-process one; evaluation batches are split round-robin and the scores
+  gathered back in episode order, so records do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
+from metabench.distributed import all_reduce_gradients, broadcast_object, gather_in_order
 from metabench.models.backbones import is_norm
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (
@@ -78,6 +83,7 @@ class MetaLearner(L.LightningModule):
         self.test_metrics: dict[str, float] = {}  # the problem's summary metrics of the last test run (mIoU, ...)
         self.val_metrics: dict[str, float] = {}
         self.last_val_mean: float | None = None  # mean score of the last validation run (for the curve)
+        self._pending: tuple[torch.Tensor, int] | None = None  # automatic optimization: (local loss, local tasks)
 
     # -- shared pieces ---------------------------------------------------------------------------------------
 
@@ -104,8 +110,9 @@ class MetaLearner(L.LightningModule):
             return self.engine
         if probe is None:
             return default_engine(self.device)
-        self.engine, self.engine_timings = choose_engine(probe, engine_candidates(self.device, self.backbone),
-                                                         self.device)
+        choice = choose_engine(probe, engine_candidates(self.device, self.backbone), self.device)
+        # Several processes: every rank times its own share, rank 0's choice is everyone's (one engine per run).
+        self.engine, self.engine_timings = broadcast_object(choice)
         return self.engine
 
     # "auto" is timed once per run: a resumed run keeps the engine its first step chose (the engines agree only
@@ -140,6 +147,24 @@ class MetaLearner(L.LightningModule):
                 f"{self.config.name}: meta-loss is {loss.item()} at step {self.global_step}; training stopped, "
                 "the last good checkpoint is kept (lower the learning rates or check the data)")
 
+    def sync_meta_gradient(self, loss: torch.Tensor, tasks: int) -> torch.Tensor:
+        """Between backward and the optimizer step: make every ``.grad`` the gradient of the mean over the whole
+        meta-batch (``benchmarks/distributed.py``; the identity in one process) and stop on a non-finite meta-loss.
+
+        ``loss`` is this process's mean over its ``tasks`` tasks; the global mean is returned and checked, so all
+        processes raise :class:`DivergenceError` together (a rank stopping alone would leave the others waiting).
+        """
+        total = all_reduce_gradients(self.parameters(), tasks / self.config.meta_batch, loss.detach())
+        self._check_finite(total)
+        return total
+
+    def on_after_backward(self) -> None:
+        # Automatic optimization (MAML, Transfer): Lightning's backward is done, its optimizer step comes next.
+        if self._pending is not None:
+            loss, tasks = self._pending
+            self._pending = None
+            self.sync_meta_gradient(loss, tasks)
+
     def evaluate_outputs(self, batch: MetaBatch) -> torch.Tensor:
         """Query outputs ``[T, m, ...]`` after adapting on each episode's support set (evaluation steps)."""
         engine = self._resolve_engine()
@@ -171,8 +196,9 @@ class MetaLearner(L.LightningModule):
         self._eval_step("test", batch)
 
     def _close_eval(self, stage: str) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0)
-        stats = self._stats[stage]
+        # Several processes: each evaluated every W-th batch; every rank gets all of them, in episode order.
+        batches, stats = gather_in_order(self._scores[stage]), gather_in_order(self._stats[stage])
+        scores = torch.cat(batches) if batches else torch.empty(0)
         self._scores[stage], self._stats[stage] = [], []
         metrics: dict[str, float] = {}
         if stats:
@@ -230,14 +256,14 @@ class MAML(MetaLearner):
         engine = self._resolve_engine(probe)
         if self.automatic_optimization:
             loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine, lrs)
-            self._check_finite(loss)
+            self._pending = (loss.detach(), sx.shape[0])  # synced and checked in on_after_backward
             self._log_train(loss / self.config.inner_loss_scale, outputs, qy)  # comparable across algorithms
             return loss
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss, outputs = meta_backward(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine,
                                       self.config.task_chunk, lrs)
-        self._check_finite(loss)  # before the step: a diverged meta-gradient never reaches the parameters
+        self.sync_meta_gradient(loss, sx.shape[0])  # before the step: a diverged meta-gradient never lands
         optimizer.step()
         self._log_train(loss / self.config.inner_loss_scale, outputs, qy)
         return None
@@ -299,11 +325,12 @@ class Reptile(MetaLearner):
         with torch.no_grad():
             outputs = task_outputs(self.backbone, adapted, qx, engine)
             loss = self.problem.loss(outputs.flatten(0, 1), qy.flatten(0, 1))  # equal-sized tasks: the task mean
-        self._check_finite(loss)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         for name, p in self.backbone.named_parameters():
             p.grad = p.detach() - adapted[name].detach().mean(0)  # SGD(lr=eps) then gives the Reptile step
+        # Several processes: theta - (mean adapted over ALL tasks), i.e. the outer step averages every rank's tasks.
+        self.sync_meta_gradient(loss, sx.shape[0])
         optimizer.step()
         self.lr_schedulers().step()
         self._log_train(loss, outputs, qy)
@@ -346,7 +373,7 @@ class Transfer(MetaLearner):
         y = torch.cat([sy, qy], dim=1)
         outputs = self.backbone(x.flatten(0, 1))
         loss = self.problem.loss(outputs, y.flatten(0, 1))
-        self._check_finite(loss)
+        self._pending = (loss.detach(), x.shape[0])  # synced and checked in on_after_backward
         self._log_train(loss, outputs.detach().unflatten(0, x.shape[:2]), y)
         return loss
 
