@@ -244,6 +244,12 @@ def cmd_bench_steps(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from metabench.scaling import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from metabench.speed import main as bench_main
 
@@ -265,8 +271,21 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--threads", type=int, help="torch threads per process (default: the preset's)")
+    p.add_argument("--devices", type=int, default=1, help="DDP processes sharing each meta-batch (default 1)")
     p.add_argument("--out", default="results/speed/steps.json")
     p.set_defaults(func=cmd_bench_steps)
+    p = bench.add_parser("scaling", help="one training step as 1 process x 1 thread, 1 x N threads and N "
+                                         "processes x 1 thread (DDP): how best to use this machine's cores")
+    p.add_argument("--benchmark", default="omniglot-5w1s")
+    p.add_argument("--algorithm", action="append", choices=ALGORITHMS, help="repeatable (default maml)")
+    p.add_argument("--preset")
+    p.add_argument("--layout", action="append", metavar="PxT",
+                   help="processes x threads, repeatable (default 1x1, 1x2, 2x1)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="results/speed/scaling-cpu.json")
+    p.set_defaults(func=cmd_bench_scaling)
     _add_bench_speed(bench)
 
 

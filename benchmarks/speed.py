@@ -242,10 +242,14 @@ class StepTimer(Callback):
 
 
 def fit_for_timing(module: MetaLearner, datamodule: EpisodicDataModule, device: torch.device, max_steps: int,
-                   callbacks: list[Callback]) -> L.Trainer:
+                   callbacks: list[Callback], processes: int = 1) -> L.Trainer:
     """Train ``module`` for ``max_steps`` steps as a run does (its optimizers, hooks, data loader), without
-    validation, checkpoints, logger or progress bar."""
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=max_steps,
+    validation, checkpoints, logger or progress bar; ``processes`` > 1: as ``--devices N --strategy ddp``."""
+    from metabench.runner import MetaDDP
+
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes,
+                        strategy=MetaDDP(process_group_backend=None) if processes > 1 else "auto",
+                        use_distributed_sampler=False, max_steps=max_steps,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         deterministic=False, callbacks=callbacks)

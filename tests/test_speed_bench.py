@@ -121,3 +121,17 @@ def test_time_steps_reports_the_engine_auto_picked() -> None:
     assert set(row["engine_timings"]) == set(engine_candidates(CPU))
     assert row["engine"] == min(row["engine_timings"], key=row["engine_timings"].get)
     assert row["steps_timed"] == 1 and f"engine {row['engine']} (auto; first step:" in describe(row)
+
+
+def test_scaling_layouts_and_table() -> None:
+    from metabench.scaling import parse_layout, table
+
+    assert parse_layout("2x1") == (2, 1) and parse_layout(" 1 x 2 ") == (1, 2)
+    for bad in ("2", "0x1", "2x0", "axb"):
+        with pytest.raises(ValueError, match="PROCESSESxTHREADS"):
+            parse_layout(bad)
+    rows = [{"algorithm": "maml", "processes": p, "threads": t, "engine": "batched", "median_s": s}
+            for p, t, s in ((1, 1, 0.4), (1, 2, 0.5), (2, 1, 0.25))]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| maml | 1 x 1 | batched | 400 | 1.00x |"
+    assert lines[3].endswith("| 500 | 0.80x |") and lines[4].endswith("| 250 | 1.60x |")
