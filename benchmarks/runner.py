@@ -217,14 +217,16 @@ def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaL
     The order (seed, data, module) is fixed: ``metabench test`` rebuilds the same initialization this way.
     """
     quiet_lightning()
-    world_size(config)  # a bad strategy / world fails before any data is read
+    processes = world_size(config)  # a bad strategy / world fails before any data is read
     device = pick_device(config.trainer.accelerator)
     if config.trainer.cpu_threads is not None:
         if config.trainer.cpu_threads < 1:
             raise ValueError(f"trainer.cpu_threads must be >= 1, got {config.trainer.cpu_threads}")
         torch.set_num_threads(config.trainer.cpu_threads)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(config, device)
+    # Several processes: the images stay on the host until Lightning has given each process its device (the data
+    # module's setup moves them there), rather than every process first filling the default GPU.
+    datamodule = build_datamodule(config, device if processes == 1 else torch.device("cpu"))
     module = build_module(config, datamodule)
     return device, datamodule, module, copy.deepcopy(module.backbone.state_dict())
 
