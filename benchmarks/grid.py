@@ -360,36 +360,36 @@ def config_differences(cell: dict[str, Any], other: dict[str, Any]) -> list[str]
 
 
 class RecordIndex:
-    """The records of a records folder, read once and re-read for new files only."""
+    """The records of records folders, each file read once (later calls read new files only)."""
 
     def __init__(self) -> None:
-        self._records: dict[Path, Record] = {}
+        self._folders: dict[Path, dict[Path, Record]] = {}
         self._seen: set[Path] = set()
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # unreadable record files, one line each
 
-    def refresh(self, folder: str | Path) -> None:
+    def records(self, folder: str | Path) -> dict[Path, Record]:
+        known = self._folders.setdefault(Path(folder).resolve(), {})
         for path in sorted(Path(folder).glob("*.json")):
             if path in self._seen:
                 continue
             self._seen.add(path)
             try:
-                self._records[path] = read_record(path)
+                known[path] = read_record(path)
             except RecordError as error:
                 self.problems.append(str(error))
+        return known
 
     def find(self, config: RunConfig) -> Path | None:
-        """The first record (by file name) of ``config``'s cell: same configuration (:func:`config_differences`)
-        and fully trained (``trainer.max_steps`` steps, or any count when a time limit was set)."""
-        self.refresh(config.records_dir)
+        """The first record (by file name) in ``config.records_dir`` of ``config``'s cell: the same configuration
+        (:func:`config_differences`), fully trained (``trainer.max_steps`` steps, any count under a time limit)."""
         wanted = config.to_dict()
-        for path, record in sorted(self._records.items()):
+        for path, record in sorted(self.records(config.records_dir).items()):
             if (record.benchmark, record.algorithm, record.preset, record.seed) != (
                     config.benchmark, config.algorithm.name, config.preset, config.trainer.seed):
                 continue
             if record.training_steps != config.trainer.max_steps and not config.trainer.max_time_minutes:
                 continue
-            if Path(path).parent.resolve() == Path(config.records_dir).resolve() and \
-                    not config_differences(wanted, record.config):
+            if not config_differences(wanted, record.config):
                 return path
         return None
 
