@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metabench.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
@@ -464,8 +464,8 @@ def execute(jobs: Iterable[Job], parallel: int, progress: Progress, on_finish: C
                 handle.flush()
                 process = subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=job.env)
-                running.append((process, job, handle, progress.add_task(f"  {job.label}", total=None),
-                                time.monotonic()))
+                task = progress.add_task(f"  {job.label}", total=None, count="running")
+                running.append((process, job, handle, task, time.monotonic()))
             time.sleep(poll_seconds)
             for entry in list(running):
                 process, job, handle, task, start = entry
@@ -491,7 +491,7 @@ def execute(jobs: Iterable[Job], parallel: int, progress: Progress, on_finish: C
 
 def terminal() -> Console:
     """A console for the grid's display; piped output (logs, CI) gets wide lines instead of 80 columns."""
-    return Console(width=None if sys.stdout.isatty() else 160)
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def cpu_count() -> int:
@@ -508,6 +508,7 @@ class GridReport:
     resumed: list[str] = field(default_factory=list)  # cells continued from a checkpoint
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, record) found before
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, why)
+    unfinished: list[str] = field(default_factory=list)  # cells not run to the end (Ctrl-C)
     interrupted: bool = False
 
     @property
@@ -568,15 +569,19 @@ def run_grid(plan: Plan, parallel: int = 1, console: Console | None = None) -> G
             report.failed.append((item.name, f"{why}; {_tail(outcome.job.log)}log: {outcome.job.log}"))
             progress.console.print(f"[red]FAILED[/] {item.name}: {why} (log: {outcome.job.log})", soft_wrap=True)
         progress.advance(overall)
+        finished = int(progress.tasks[overall].completed)
+        progress.update(overall, count=f"{finished}/{len(plan.cells)} cells finished")
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        overall = progress.add_task(f"grid: {len(plan.cells)} cells", total=len(plan.cells),
-                                    completed=len(plan.cells) - len(jobs))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        overall = progress.add_task("grid", total=len(plan.cells), completed=len(plan.cells) - len(jobs),
+                                    count=f"{len(plan.cells) - len(jobs)}/{len(plan.cells)} cells finished")
         try:
             execute(jobs, parallel, progress, finish)
         except KeyboardInterrupt:
             report.interrupted = True
+            ended = {name for name, _ in report.done + report.failed}
+            report.unfinished = [item.name for item in cells.values() if item.name not in ended]
     _print_report(report, console)
     return report
 
@@ -610,6 +615,8 @@ def _print_report(report: GridReport, console: Console) -> None:
         table.add_row(name, "resumed, done" if name in report.resumed else "done", record)
     for name, why in report.failed:
         table.add_row(name, "[red]failed[/]", why)
+    for name in report.unfinished:
+        table.add_row(name, "interrupted", "run the grid again to resume it")
     console.print(table)
     summary = f"{len(report.done)} done, {len(report.skipped)} skipped (record exists), {len(report.failed)} failed"
     if report.interrupted:
