@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,7 @@ def add_test(sub: Subparsers) -> None:
 
 # -- grid ---------------------------------------------------------------------------------------------------
 
-def run_args_resolver():
+def run_args_resolver() -> Callable[[list[str]], Any]:
     """A function from ``metabench run`` arguments to the configuration that run trains (one algorithm): the grid
     resolves each cell by parsing the very arguments its process, or a W&B agent, will get."""
     from metabench.config import resolve
@@ -298,7 +299,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _grid_plan(args: argparse.Namespace):
-    from metabench.grid import expand, load_grid_file, make_spec, parse_vary
+    from metabench.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
 
     file = load_grid_file(args.grid) if args.grid else {}
     vary: dict[str, list] = {}
@@ -308,10 +309,7 @@ def _grid_plan(args: argparse.Namespace):
             raise ValueError(f"--vary {key} is given twice")
         vary[key] = values
     flags = {"benchmark": args.benchmark, "algorithm": args.algorithm, "preset": args.preset, "seed": args.seed,
-             "vary": vary, "set": args.set, "config": args.config, "data_root": args.data_root,
-             "cache_dir": args.cache_dir, "max_steps": args.max_steps, "test_episodes": args.test_episodes,
-             "accelerator": args.accelerator, "records_dir": args.records_dir, "out_dir": args.out_dir,
-             "logger": args.logger}
+             "vary": vary, "set": args.set, **{name: getattr(args, name) for name in RUN_OPTIONS}}
     spec = make_spec(file, flags)
     resolve_args = run_args_resolver()
     return spec, expand(spec, resolve_args), resolve_args

@@ -249,6 +249,8 @@ def expand(spec: GridSpec, resolve_args: Resolver) -> Plan:
     varied = [[(key, value) for value in values] for key, values in spec.vary.items()]
     cells = [Cell(b, p, a, seed, tuple(vary)) for seed in (spec.seeds or [None]) for b, p, a in combos
              for vary in itertools.product(*varied)]
+    if not cells:
+        raise GridError("the grid has no cells: " + ("; ".join(notes) or "nothing to combine"))
     run_args = _run_args_with_out_dir(spec, cells[0], resolve_args)
     planned = []
     for cell in cells:
