@@ -645,12 +645,14 @@ def list_cells(plan: Plan, console: Console | None = None) -> list[tuple[Planned
 # -- W&B Sweep ----------------------------------------------------------------------------------------------
 
 # The macro the agent replaces by the cell's parameters. W&B's documentation (Sweep configuration options,
-# "command" macros) says:
-#     "${args}: Hyperparameters and their values in the form --param1=value1 --param2=value2."
-# so the agent runs `metabench run <fixed arguments> --benchmark=B --algorithm=A [--preset=P] [--seed=S]
-# [--dotted.key=value ...]`, which `metabench run` reads: the named flags as usual, a dotted key as --set.
+# `command`, the table of command macros) says:
+#     `${args}` | Hyperparameters and their values in the form `--param1=value1 --param2=value2`.
+#     `${env}`  | `/usr/bin/env` on UNIX systems, omitted on Windows.
+# (wandb's agent writes each value with Python's str(), `f"--{param}={value}"`), so the agent runs
+# `metabench run <fixed arguments> --benchmark=B --algorithm=A [--preset=P] [--seed=S] [--dotted.key=value ...]`,
+# which `metabench run` reads: the named flags as usual, a dotted key as --set.
 AGENT_ARGS_MACRO = "${args}"
-ENV_MACRO = "${env}"  # /usr/bin/env on UNIX: `metabench` is found on the agent's PATH (its environment)
+ENV_MACRO = "${env}"  # so `metabench` is found on the PATH of the environment `wandb agent` runs in
 
 
 def sweep_config(spec: GridSpec, plan: Plan, resolve_args: Resolver, *, name: str | None = None,
