@@ -14,13 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from rich.console import Console
@@ -31,6 +32,7 @@ from metabench.config import ConfigError, RunConfig, flatten_config, preset_algo
 from metabench.models.hparams import ALGORITHMS
 from metabench.records import Record, RecordError, read_record
 
+T = TypeVar("T")
 Resolver = Callable[[list[str]], RunConfig]  # `metabench run` arguments -> the configuration that run trains
 
 
@@ -398,8 +400,8 @@ class RecordIndex:
 
 @dataclass
 class CellState:
-    status: str  # "done" (a record exists), "resume" (a checkpoint exists), "new", or "conflict"
-    detail: str = ""  # the record, the checkpoint, or why the run folder cannot be used
+    status: str  # "done" (a record exists), "running" (another process), "resume" (a checkpoint), "new", "conflict"
+    detail: str = ""  # the record, the process, the checkpoint, or why the run folder cannot be used
 
 
 def cell_state(item: PlannedCell, index: RecordIndex) -> CellState:
@@ -411,6 +413,9 @@ def cell_state(item: PlannedCell, index: RecordIndex) -> CellState:
     if record is not None:
         return CellState("done", str(record))
     folder = run_dir_for(item.config)
+    holder = RunLock(folder / "grid.lock").holder()
+    if holder is not None:
+        return CellState("running", holder)
     last = folder / "checkpoints" / "last.ckpt"
     if not last.exists():
         return CellState("new")
@@ -432,12 +437,13 @@ def cell_state(item: PlannedCell, index: RecordIndex) -> CellState:
 
 @dataclass
 class Job:
-    """One process to run: ``command`` with its output appended to ``log``."""
+    """One process to run: ``command`` with its output appended to ``log``; ``launched`` gets its pid."""
 
     label: str
     command: list[str]
     log: Path
     env: dict[str, str] | None = None
+    launched: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -445,50 +451,115 @@ class Outcome:
     job: Job
     returncode: int
     seconds: float
+    stopped: bool = False  # ended by the KeyboardInterrupt, not by itself
 
 
-def execute(jobs: Iterable[Job], parallel: int, progress: Progress, on_finish: Callable[[Outcome], None],
-            poll_seconds: float = 0.2) -> None:
-    """Run ``jobs`` as processes, at most ``parallel`` at a time, each shown as a line of ``progress`` while it
-    runs; ``on_finish`` gets each outcome as it ends. On KeyboardInterrupt the running processes are stopped
-    (SIGTERM, then SIGKILL after 30 s) before it propagates."""
+def execute(items: Iterable[T], parallel: int, progress: Progress, start: Callable[[T], Job | None],
+            finish: Callable[[T, Outcome], None], poll_seconds: float = 0.2) -> None:
+    """Run a process for each of ``items``, at most ``parallel`` at a time, each shown as a line of ``progress``
+    while it runs. ``start(item)`` is called when a slot is free and gives the item's Job, or None to pass over it
+    (decided then, not up front: another process may have finished the item meanwhile); ``finish(item, outcome)``
+    is called as each process ends. On KeyboardInterrupt the running processes are stopped (SIGTERM, then SIGKILL
+    after 30 s) and ``finish`` gets them (return code of the stopped process) before the interrupt propagates."""
     if parallel < 1:
         raise GridError(f"--parallel must be >= 1, got {parallel}")
-    pending = list(jobs)
-    running: list[tuple[subprocess.Popen[bytes], Job, Any, Any, float]] = []
+    pending = list(items)
+    running: list[tuple[subprocess.Popen[bytes], T, Job, Any, Any, float]] = []
     try:
         while pending or running:
             while pending and len(running) < parallel:
-                job = pending.pop(0)
+                item = pending.pop(0)
+                job = start(item)
+                if job is None:
+                    continue
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 handle = job.log.open("ab")
                 handle.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job.command)}\n".encode())
                 handle.flush()
                 process = subprocess.Popen(job.command, stdout=handle, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=job.env)
+                if job.launched is not None:
+                    job.launched(process.pid)
                 task = progress.add_task(f"  {job.label}", total=None, count="running")
-                running.append((process, job, handle, task, time.monotonic()))
+                running.append((process, item, job, handle, task, time.monotonic()))
             time.sleep(poll_seconds)
             for entry in list(running):
-                process, job, handle, task, start = entry
+                process, item, job, handle, task, began = entry
                 code = process.poll()
                 if code is None:
                     continue
                 running.remove(entry)
                 handle.close()
                 progress.remove_task(task)
-                on_finish(Outcome(job, code, time.monotonic() - start))
+                finish(item, Outcome(job, code, time.monotonic() - began))
     except KeyboardInterrupt:
         for process, *_ in running:
             process.terminate()
-        for process, _, handle, _, _ in running:
+        for process, item, job, handle, _, began in running:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
             handle.close()
+            finish(item, Outcome(job, process.returncode, time.monotonic() - began, stopped=True))
         raise
+
+
+@dataclass
+class RunLock:
+    """``<run folder>/grid.lock``: which process (host, pid) runs the folder's cell, so that two ``grid run``
+    processes on the same folders never train one run twice. A lock of this host whose process has ended (a grid
+    killed with its cell) is stale and taken over; one of another host is respected (remove it by hand if that
+    process is gone)."""
+
+    path: Path
+
+    def holder(self) -> str | None:
+        """Who holds the lock (``pid N on HOST``), or None if nobody does (no lock, or a stale one)."""
+        try:
+            data = json.loads(self.path.read_text())
+            host, pid = str(data["host"]), int(data["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # gone, or torn by a crash: not a live holder
+        if host == socket.gethostname() and not _alive(pid):
+            return None
+        return f"pid {pid} on {host}"
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None:
+                    return holder
+                self.path.unlink(missing_ok=True)  # stale
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, handle)
+            return None
+        return "another process (the lock keeps coming back)"
+
+    def hold(self, pid: int) -> None:
+        """Name the cell's own process as the holder: the lock lives as long as the run does, even if the grid
+        that started it is killed."""
+        self.path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def terminal() -> Console:
@@ -509,8 +580,9 @@ class GridReport:
     done: list[tuple[str, str]] = field(default_factory=list)  # (cell, record) run now
     resumed: list[str] = field(default_factory=list)  # cells continued from a checkpoint
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, record) found before
+    busy: list[tuple[str, str]] = field(default_factory=list)  # (cell, holder) run by another grid process
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, why)
-    unfinished: list[str] = field(default_factory=list)  # cells not run to the end (Ctrl-C)
+    unfinished: list[str] = field(default_factory=list)  # cells stopped by Ctrl-C
     interrupted: bool = False
 
     @property
@@ -521,12 +593,13 @@ class GridReport:
 def run_grid(plan: Plan, parallel: int = 1, console: Console | None = None) -> GridReport:
     """Run the plan's cells on this machine, ``parallel`` processes at a time.
 
-    A cell with a record (:meth:`RecordIndex.find`) is skipped; one whose run folder holds its checkpoint runs
-    with ``--resume``; one whose run folder holds another configuration's checkpoint fails without running. Each
-    cell is ``python -m metabench.cli run <its arguments> --quiet``, its output appended to ``<run folder>/
-    grid.log``. With ``parallel > 1``, a cell whose configuration leaves ``trainer.cpu_threads`` unset gets the
-    CPUs divided among the processes (at least one each). A cell that exits non-zero, or exits 0 without a
-    matching record, is reported as failed; the others still run.
+    Right before a cell would start, its state decides (:func:`cell_state`): with a record it is skipped; with its
+    checkpoint in the run folder it runs with ``--resume``; with another configuration's checkpoint there it fails
+    without running; while another process holds its :class:`RunLock` it is left to that process. Each cell is
+    ``python -m metabench.cli run <its arguments> --quiet``, its output appended to ``<run folder>/grid.log``.
+    With ``parallel > 1``, a cell whose configuration leaves ``trainer.cpu_threads`` unset gets the CPUs divided
+    among the processes (at least one each). A cell that exits non-zero, or exits 0 without a matching record,
+    is reported as failed; the others still run.
     """
     from metabench.runner import run_dir_for
 
@@ -536,54 +609,70 @@ def run_grid(plan: Plan, parallel: int = 1, console: Console | None = None) -> G
     report = GridReport()
     index = RecordIndex()
     threads = max(1, cpu_count() // parallel) if parallel > 1 else None
-    jobs: list[Job] = []
-    cells: dict[int, PlannedCell] = {}
-    for item in plan.cells:
-        state = cell_state(item, index)
-        if state.status == "done":
-            report.skipped.append((item.name, state.detail))
-        elif state.status == "conflict":
-            report.failed.append((item.name, state.detail))
-        else:
-            jobs.append(_job(item, resume=state.status == "resume", threads=threads, run_dir=run_dir_for(item.config)))
-            cells[id(jobs[-1])] = item
-            if state.status == "resume":
-                report.resumed.append(item.name)
-    for problem in index.problems:
-        console.print(f"grid: ignored unreadable record {problem}", soft_wrap=True)
+    locks: dict[str, RunLock] = {}
     for note in plan.notes:
         console.print(f"grid: skipped {note}", soft_wrap=True)
-    for name, detail in report.skipped:
-        console.print(f"[dim]skip[/]   {name}: record {detail}", soft_wrap=True)
-    for name, why in report.failed:
-        console.print(f"[red]FAILED[/] {name}: {why}", soft_wrap=True)
 
-    def finish(outcome: Outcome) -> None:
-        item = cells[id(outcome.job)]
+    def settle(item: PlannedCell, status: str, detail: str) -> None:
+        """A cell that ends without a process of its own: skipped, left to another process, or failed."""
+        if status == "done":
+            report.skipped.append((item.name, detail))
+            console.print(f"[dim]skip[/]   {item.name}: record {detail}", soft_wrap=True)
+        elif status == "running":
+            report.busy.append((item.name, detail))
+            console.print(f"[yellow]busy[/]   {item.name}: run by {detail}", soft_wrap=True)
+        else:
+            report.failed.append((item.name, detail))
+            console.print(f"[red]FAILED[/] {item.name}: {detail}", soft_wrap=True)
+        advance()
+
+    def start(item: PlannedCell) -> Job | None:
+        state = cell_state(item, index)
+        if state.status in ("done", "conflict", "running"):
+            settle(item, state.status, state.detail)
+            return None
+        lock = RunLock(run_dir_for(item.config) / "grid.lock")
+        holder = lock.acquire()
+        if holder is not None:  # taken between the look and the grab
+            settle(item, "running", holder)
+            return None
+        locks[item.name] = lock
+        if state.status == "resume":
+            report.resumed.append(item.name)
+        job = _job(item, resume=state.status == "resume", threads=threads, run_dir=run_dir_for(item.config))
+        job.launched = lock.hold
+        return job
+
+    def finish(item: PlannedCell, outcome: Outcome) -> None:
+        locks.pop(item.name).release()
+        if outcome.stopped:
+            report.unfinished.append(item.name)
+            return
         record = index.find(item.config) if outcome.returncode == 0 else None
         if record is not None:
             report.done.append((item.name, str(record)))
             how = "resumed and done" if item.name in report.resumed else "done"
-            progress.console.print(f"[green]{how}[/] {item.name} in {outcome.seconds:.0f} s: {record}", soft_wrap=True)
+            console.print(f"[green]{how}[/] {item.name} in {outcome.seconds:.0f} s: {record}", soft_wrap=True)
         else:
             why = (f"exit status {outcome.returncode}" if outcome.returncode else "exited 0 but wrote no record "
                    f"of this configuration to {item.config.records_dir}")
             report.failed.append((item.name, f"{why}; {_tail(outcome.job.log)}log: {outcome.job.log}"))
-            progress.console.print(f"[red]FAILED[/] {item.name}: {why} (log: {outcome.job.log})", soft_wrap=True)
+            console.print(f"[red]FAILED[/] {item.name}: {why} (log: {outcome.job.log})", soft_wrap=True)
+        advance()
+
+    def advance() -> None:
         progress.advance(overall)
-        finished = int(progress.tasks[overall].completed)
-        progress.update(overall, count=f"{finished}/{len(plan.cells)} cells finished")
+        progress.update(overall, count=f"{int(progress.tasks[overall].completed)}/{len(plan.cells)} cells finished")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                   TimeElapsedColumn(), console=console) as progress:
-        overall = progress.add_task("grid", total=len(plan.cells), completed=len(plan.cells) - len(jobs),
-                                    count=f"{len(plan.cells) - len(jobs)}/{len(plan.cells)} cells finished")
+        overall = progress.add_task("grid", total=len(plan.cells), count=f"0/{len(plan.cells)} cells finished")
         try:
-            execute(jobs, parallel, progress, finish)
+            execute(plan.cells, parallel, progress, start, finish)
         except KeyboardInterrupt:
             report.interrupted = True
-            ended = {name for name, _ in report.done + report.failed}
-            report.unfinished = [item.name for item in cells.values() if item.name not in ended]
+        for problem in index.problems:
+            console.print(f"grid: ignored unreadable record {problem}", soft_wrap=True)
     _print_report(report, console)
     return report
 
@@ -617,10 +706,14 @@ def _print_report(report: GridReport, console: Console) -> None:
         table.add_row(name, "resumed, done" if name in report.resumed else "done", record)
     for name, why in report.failed:
         table.add_row(name, "[red]failed[/]", why)
+    for name, holder in report.busy:
+        table.add_row(name, "running elsewhere", f"run by {holder}")
     for name in report.unfinished:
         table.add_row(name, "interrupted", "run the grid again to resume it")
     console.print(table)
     summary = f"{len(report.done)} done, {len(report.skipped)} skipped (record exists), {len(report.failed)} failed"
+    if report.busy:
+        summary += f", {len(report.busy)} running in another process"
     if report.interrupted:
         summary += "; interrupted: run the same command again to resume"
     console.print(summary)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,11 +71,15 @@ def test_two_cell_grid_runs_then_skips_both(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_interrupted_cell_is_resumed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # A run stopped at step 4 of 8: its folder holds last.ckpt at step 4 and the 8-step config.json, no record.
+    # A run stopped at step 4 of 8: its folder holds last.ckpt at step 4 and the 8-step config.json, no record,
+    # and the lock of a grid killed with it (its process is gone: a stale lock).
     extra = CPU_ONE_THREAD + ["algorithm.inner_lr=0.3"]
     partial = run(tiny_config(tmp_path, "maml", steps=4, extra=extra), progress=False, write=False)
     saved = partial.run_dir / "config.json"
     saved.write_text(saved.read_text().replace('"max_steps": 4', '"max_steps": 8'))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = {"host": socket.gethostname(), "pid": int(ended.stdout)}
+    (partial.run_dir / "grid.lock").write_text(json.dumps(lock))
 
     flags = _grid_flags(tmp_path, steps=8) + ["--set", "algorithm.inner_lr=0.3"]
     assert main(["grid", "list", "--benchmark", "synthetic-5w1s", "--algorithm", "maml", *flags]) == 0
@@ -81,6 +88,7 @@ def test_interrupted_cell_is_resumed(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "resumed and done" in out and "1 done, 0 skipped" in out, out
     assert "--resume" in (partial.run_dir / "grid.log").read_text()
+    assert not (partial.run_dir / "grid.lock").exists()  # taken over, then released
 
     (path,) = _records(tmp_path)
     resumed = read_record(path)
@@ -108,16 +116,33 @@ def test_cells_run_n_at_a_time_and_failures_are_reported(tmp_path: Path) -> None
     script = ("import sys, time; open(sys.argv[1], 'w').write(repr(time.time())); time.sleep(0.6); "
               "open(sys.argv[1], 'a').write(' ' + repr(time.time())); sys.exit(int(sys.argv[2]))")
     jobs = [Job(f"job{i}", [sys.executable, "-c", script, str(tmp_path / f"t{i}"), str(int(i == 1))],
-                tmp_path / f"job{i}.log") for i in range(4)]
+                tmp_path / f"job{i}.log") for i in range(5)]
+    pids: list[int] = []
+    jobs[0].launched = pids.append
     outcomes = []
     with open(tmp_path / "progress.txt", "w") as sink, Progress(console=Console(file=sink)) as progress:
-        execute(jobs, 2, progress, outcomes.append, poll_seconds=0.05)
+        execute(jobs, 2, progress, lambda job: None if job.label == "job4" else job,  # job4: passed over
+                lambda job, outcome: outcomes.append(outcome), poll_seconds=0.05)
     assert sorted(o.job.label for o in outcomes) == ["job0", "job1", "job2", "job3"]
-    assert {o.job.label: o.returncode for o in outcomes}["job1"] == 1
+    assert {o.job.label: o.returncode for o in outcomes}["job1"] == 1 and len(pids) == 1
     spans = [tuple(map(float, (tmp_path / f"t{i}").read_text().split())) for i in range(4)]
     most = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert most == 2  # two at a time, never more
     assert all(o.job.log.read_text().startswith("\n== ") for o in outcomes)  # the command heads each log
+    assert not (tmp_path / "t4").exists()
+
+
+def test_a_cell_another_grid_runs_is_left_to_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "runs" / "synthetic-5w1s" / "maml-default-seed0"
+    folder.mkdir(parents=True)
+    (folder / "grid.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # alive
+    argv = ["--benchmark", "synthetic-5w1s", "--algorithm", "maml", *_grid_flags(tmp_path, steps=4)]
+    assert main(["grid", "list", *argv]) == 0
+    assert re.search(r"│ running +│ pid \d+ on", capsys.readouterr().out)
+    assert main(["grid", "run", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "0 done, 0 skipped (record exists), 0 failed, 1 running in another process" in out, out
+    assert not (folder / "grid.log").exists() and (folder / "grid.lock").exists()
 
 
 # -- W&B Sweep ----------------------------------------------------------------------------------------------
