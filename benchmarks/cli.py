@@ -334,7 +334,7 @@ def cmd_grid_list(args: argparse.Namespace) -> int:
 
 def cmd_grid_sweep(args: argparse.Namespace) -> int:
     from metabench.atomic import atomic_write_bytes
-    from metabench.grid import sweep_config, sweep_yaml
+    from metabench.sweep import sweep_config, sweep_yaml
 
     spec, plan, resolve_args = _grid_plan(args)
     config = sweep_config(spec, plan, resolve_args, name=args.name, project=args.project, entity=args.entity,
