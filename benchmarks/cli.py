@@ -1,4 +1,4 @@
-"""The ``metabench`` command line: ``run``, ``test``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
+"""The ``metabench`` command line: ``run``, ``test``, ``grid``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
 
 Every command fails with one clear line (exit status 2) on bad input instead of a traceback.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +164,34 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+_DOTTED_FLAG = re.compile(r"--([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:=(.*))?", re.DOTALL)
+
+
+def dotted_overrides(extra: list[str]) -> list[str]:
+    """Arguments ``--section.key=value`` (or ``--section.key value``) as ``--set`` overrides ``section.key=value``.
+
+    This is how a W&B Sweep agent passes a parameter named by a dotted config key (its ``${args}`` macro writes
+    ``--name=value`` with Python's ``str(value)``); so ``None``, Python's spelling of null, means null.
+    """
+    overrides: list[str] = []
+    rest = list(extra)
+    while rest:
+        item = rest.pop(0)
+        match = _DOTTED_FLAG.fullmatch(item)
+        if match is None:
+            raise ValueError(f"unrecognized arguments: {' '.join([item, *rest])}")
+        key, value = match.group(1), match.group(2)
+        if value is None:
+            if not rest or rest[0].startswith("--"):
+                raise ValueError(f"argument --{key}: expected a value (--{key}=VALUE)")
+            value = rest.pop(0)
+        overrides.append(f"{key}={'null' if value == 'None' else value}")
+    return overrides
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
-    """What names a run and where it lives: shared by ``run`` and ``test``."""
+    """What names a run and where it lives: shared by ``run`` and ``test``. Also accepted (by :func:`main`):
+    ``--section.key=value``, the same as ``--set section.key=value``."""
     p.add_argument("--benchmark", default="synthetic-5w1s")
     p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
                    help="repeatable; default: every algorithm of the benchmark's preset")
@@ -177,7 +205,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-episodes", type=int)
     p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
     p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs)")
+    p.add_argument("--out-dir", help="folder of the run folders (default: runs); {dotted.key} fields are filled "
+                                     "from the configuration, e.g. 'runs/lr={algorithm.inner_lr}'")
+    p.set_defaults(dotted_flags=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -228,6 +258,127 @@ def add_test(sub: Subparsers) -> None:
                                     "--set episodes.queries=1) and write a second record, without retraining")
     _run_args(p)
     p.set_defaults(func=cmd_test)
+
+
+# -- grid ---------------------------------------------------------------------------------------------------
+
+def run_args_resolver() -> Callable[[list[str]], Any]:
+    """A function from ``metabench run`` arguments to the configuration that run trains (one algorithm): the grid
+    resolves each cell by parsing the very arguments its process, or a W&B agent, will get."""
+    from metabench.config import resolve
+
+    parser = build_parser()
+
+    def resolve_args(argv: list[str]):
+        args, extra = parser.parse_known_args(["run", *argv])
+        args.set = [*args.set, *dotted_overrides(extra)]
+        if not args.algorithm or len(args.algorithm) != 1:
+            raise ValueError(f"expected exactly one --algorithm in {argv}")
+        return resolve(args.benchmark, args.algorithm[0], args.preset, args.config, _overrides(args))
+
+    return resolve_args
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", metavar="FILE.yaml", help="grid file: benchmark, algorithm, preset, seed (a value or "
+                   "a list), vary, set, and run options (data_root, max_steps, ...); flags given here win")
+    p.add_argument("--benchmark", action="append", help="repeatable")
+    p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
+                   help="repeatable; default: every algorithm of each preset")
+    p.add_argument("--preset", action="append", help="repeatable; default: each benchmark's default preset")
+    p.add_argument("--seed", action="append", type=int, help="repeatable; default: the configuration's seed")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=VALUES",
+                   help="a dotted config key and its values, one more axis of the grid, e.g. "
+                        "'algorithm.inner_lr=[0.1, 0.4]' (repeatable)")
+    p.add_argument("--config", help="YAML file merged over the preset of every cell")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override for every cell (repeatable)")
+    p.add_argument("--data-root")
+    p.add_argument("--cache-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--test-episodes", type=int)
+    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
+    p.add_argument("--records-dir")
+    p.add_argument("--out-dir", help="folder of the run folders (default: runs; with --vary, one sub-folder per "
+                                     "varied value)")
+    p.add_argument("--logger", choices=("none", "csv", "wandb"))
+    p.add_argument("--devices", type=int, help="DDP processes per node of every cell (with --strategy ddp)")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--strategy", choices=("auto", "ddp"))
+
+
+def _grid_plan(args: argparse.Namespace):
+    from metabench.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
+
+    file = load_grid_file(args.grid) if args.grid else {}
+    vary: dict[str, list] = {}
+    for item in args.vary:
+        key, values = parse_vary(item)
+        if key in vary:
+            raise ValueError(f"--vary {key} is given twice")
+        vary[key] = values
+    flags = {"benchmark": args.benchmark, "algorithm": args.algorithm, "preset": args.preset, "seed": args.seed,
+             "vary": vary, "set": args.set, **{name: getattr(args, name) for name in RUN_OPTIONS}}
+    spec = make_spec(file, flags)
+    resolve_args = run_args_resolver()
+    return spec, expand(spec, resolve_args), resolve_args
+
+
+def cmd_grid_run(args: argparse.Namespace) -> int:
+    from metabench.grid import run_grid
+
+    if args.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+    _, plan, _ = _grid_plan(args)
+    return run_grid(plan, parallel=args.parallel).exit_status
+
+
+def cmd_grid_list(args: argparse.Namespace) -> int:
+    from metabench.grid import list_cells
+
+    _, plan, _ = _grid_plan(args)
+    list_cells(plan)
+    return 0
+
+
+def cmd_grid_sweep(args: argparse.Namespace) -> int:
+    from metabench.atomic import atomic_write_bytes
+    from metabench.sweep import sweep_config, sweep_yaml
+
+    spec, plan, resolve_args = _grid_plan(args)
+    config = sweep_config(spec, plan, resolve_args, name=args.name, project=args.project, entity=args.entity,
+                          resume=args.resume)
+    text = sweep_yaml(config, len(plan.cells))
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    atomic_write_bytes(Path(args.out), text.encode(), durable=False)
+    print(f"{args.out}: W&B grid sweep of {len(plan.cells)} runs. Start it with\n  wandb sweep {args.out}\n"
+          f"then on each machine run the `wandb agent ...` line it prints", file=sys.stderr)
+    return 0
+
+
+def add_grid(sub: Subparsers) -> None:
+    grid = sub.add_parser("grid", help="benchmarks x algorithms x presets x seeds: run on this machine, or write a "
+                                       "W&B Sweep").add_subparsers(dest="grid_command", required=True)
+    p = grid.add_parser("run", help="run the cells here, one after another or N at a time; skips cells whose record "
+                                    "exists, resumes interrupted ones; exit 1 if a cell failed")
+    _grid_args(p)
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="cells at a time (each gets CPUs/N torch threads unless trainer.cpu_threads is set)")
+    p.set_defaults(func=cmd_grid_run)
+    p = grid.add_parser("list", help="the cells and where each stands (done, resume, new, conflict)")
+    _grid_args(p)
+    p.set_defaults(func=cmd_grid_list)
+    p = grid.add_parser("sweep", help="write a W&B Sweep configuration (method grid) whose agents run the cells")
+    _grid_args(p)
+    p.add_argument("--out", help="YAML file to write (default: standard output)")
+    p.add_argument("--name", help="sweep name")
+    p.add_argument("--project", help="W&B project (default: $WANDB_PROJECT or metabench)")
+    p.add_argument("--entity", help="W&B entity (default: yours)")
+    p.add_argument("--resume", action="store_true",
+                   help="runs continue a checkpoint left in their run folder on the agent's machine")
+    p.set_defaults(func=cmd_grid_sweep)
 
 
 # -- bench --------------------------------------------------------------------------------------------------
@@ -341,7 +492,7 @@ def add_leaderboard(sub: Subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_run, add_test, add_data, add_episodes, add_bench, add_leaderboard):
+    for add in (add_run, add_test, add_grid, add_data, add_episodes, add_bench, add_leaderboard):
         add(sub)
     return parser
 
@@ -349,7 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from metabench.datasets.base import DatasetError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `run` and `test` take --section.key=value as a W&B agent writes it; elsewhere, argparse's error
+        if not getattr(args, "dotted_flags", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args.set = [*args.set, *dotted_overrides(extra)]
+        except ValueError as error:
+            parser.error(str(error))
     try:
         return int(args.func(args) or 0)
     except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as error:

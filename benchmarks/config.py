@@ -9,6 +9,8 @@ source. The resolved :class:`RunConfig` is written in full into every record.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -113,6 +115,13 @@ def load_preset_file(benchmark: str) -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
+def preset_names(benchmark: str) -> tuple[str | None, list[str]]:
+    """The default preset of ``benchmark`` and all its named presets."""
+    spec = load_preset_file(benchmark)
+    presets = list(spec.get("presets", {}))
+    return spec.get("default_preset") or next(iter(presets), None), presets
+
+
 def preset_algorithms(benchmark: str, preset: str | None = None) -> list[str]:
     """The algorithms that ``preset`` (default: the benchmark's default preset) of ``benchmark`` defines, in
     ``ALGORITHMS`` order: what a benchmark runs when no algorithm is named (e.g. transfer only on 1-way
@@ -131,6 +140,7 @@ def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_fi
 
     Order: dataclass defaults < the benchmark's fixed part < its ``presets[preset][algorithm]`` < the YAML
     ``config_file`` < ``overrides`` (``"algorithm.inner_lr=0.1"``, values parsed as YAML scalars).
+    ``{dotted.key}`` fields in ``out_dir`` are filled from the resolved config (see :func:`expand_out_dir`).
     """
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
@@ -163,11 +173,46 @@ def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_fi
     if tree["algorithm"].get("name", algorithm) != algorithm:
         raise ConfigError("algorithm.name cannot be overridden; use --algorithm")
     try:
-        return _build(RunConfig, tree, "")
+        config = _build(RunConfig, tree, "")
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:  # a dataclass's own validation
         raise ConfigError(f"{benchmark}/{algorithm}: {error}") from error
+    config.out_dir = expand_out_dir(config.out_dir, config)
+    return config
+
+
+_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_out_dir(template: str, config: RunConfig) -> str:
+    """``template`` with each ``{dotted.key}`` replaced by that value of ``config``, made safe for a folder name
+    (``runs/lr={algorithm.inner_lr}`` -> ``runs/lr=0.1``): runs that differ only in such a value (a grid or
+    a W&B Sweep over it) get run folders of their own."""
+    flat = flatten_config(config.to_dict())
+
+    def value(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in flat or key == "out_dir":
+            raise ConfigError(f"out_dir {template!r}: {{{key}}} names no configuration value "
+                              f"(use a dotted key such as {{algorithm.inner_lr}})")
+        item = flat[key]
+        text = item if isinstance(item, str) else json.dumps(item, separators=(",", ":"))
+        return re.sub(r"[^\w.=+,-]", "_", text)  # no separators or quotes inside one path component
+
+    return _FIELD.sub(value, template)
+
+
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"algorithm": {"inner_lr": 0.4}}`` -> ``{"algorithm.inner_lr": 0.4}``; ``options`` mappings (a reader's
+    or a backbone's free-form keyword arguments) stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:

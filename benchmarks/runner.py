@@ -34,7 +34,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
 from metabench.atomic import atomic_write_bytes
-from metabench.config import ConfigError, RunConfig
+from metabench.config import ConfigError, RunConfig, flatten_config
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
@@ -357,22 +357,12 @@ def trained_config(config: RunConfig) -> dict[str, Any] | None:
 
 def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig) -> None:
     """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol."""
-    before = _flatten(trained if isinstance(trained, dict) else trained.to_dict())
-    changed = [key for key, value in _flatten(tested.to_dict()).items()
+    before = flatten_config(trained if isinstance(trained, dict) else trained.to_dict())
+    changed = [key for key, value in flatten_config(tested.to_dict()).items()
                if before.get(key) != value and key not in TEST_PROTOCOL_KEYS]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
                           f"({', '.join(TEST_PROTOCOL_KEYS[:7])}) and paths, not {', '.join(changed)}")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("options",):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool = True) -> RunResult:

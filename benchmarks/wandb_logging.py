@@ -47,14 +47,40 @@ def has_api_key() -> bool:
     return any((auth := entries.authenticators(host)) and auth[2] for host in _netrc_hosts())
 
 
+def sweep_hyperparameters(params: dict[str, Any], held: dict[str, Any]) -> dict[str, Any]:
+    """What to log as a sweep run's config, given the parameters W&B already ``held`` in it (locked: updates of those
+    keys are ignored): keys it holds with the same value are not sent again, and a section it holds with another
+    value (the agent's ``algorithm`` is the name, ours the whole section) is logged beside it as ``<key>_config``."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in held:
+            out[key] = value
+        elif held[key] != value:
+            out[f"{key}_config"] = value
+    return out
+
+
 def make_wandb_logger(config: Any, run_dir: Path):
-    """A WandbLogger for ``config`` writing under ``run_dir``; offline unless a key exists or WANDB_MODE says."""
+    """A WandbLogger for ``config`` writing under ``run_dir``; offline unless a key exists or WANDB_MODE says.
+
+    In a W&B Sweep run (started by ``wandb agent``) the hyper-parameters go through :func:`sweep_hyperparameters`,
+    so that the full configuration is in the run's config next to the sweep's parameters.
+    """
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class SweepAwareWandbLogger(WandbLogger):
+        @rank_zero_only
+        def log_hyperparams(self, params: Any) -> None:
+            run = self.experiment
+            if run.sweep_id:
+                params = sweep_hyperparameters(dict(params), run.config.as_dict())
+            super().log_hyperparams(params)
 
     mode = os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"{config.benchmark}-{config.algorithm.name}-{config.preset}-s{config.trainer.seed}"
-    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "metabench"), name=name, save_dir=str(run_dir),
+    return SweepAwareWandbLogger(project=os.environ.get("WANDB_PROJECT", "metabench"), name=name, save_dir=str(run_dir),
                        offline=mode == "offline", mode=mode, log_model=False,
                        tags=[config.benchmark, config.algorithm.name])
 

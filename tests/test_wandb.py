@@ -280,3 +280,40 @@ def test_has_api_key_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / ".netrc").write_text(elsewhere.read_text())
     (tmp_path / ".netrc").chmod(0o644)
     assert has_api_key()
+
+
+def test_sweep_run_logs_the_full_configuration_beside_the_sweep_parameters(
+        tmp_path: Path, offline_env: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run as `wandb agent` starts it: the environment the agent sets (sweep id, run id, the file of the run's
+    parameters, in the agent's {name: {value: v}} format) and its `${args}` arguments. W&B puts the parameters into
+    the run's config and locks them; the resolved configuration must still arrive, its `algorithm` section (the
+    parameter `algorithm` is the name) as `algorithm_config`."""
+    from metabench.cli import main
+    from tests.conftest import TINY_RUN
+
+    parameters = {"benchmark": "synthetic-5w1s", "algorithm": "maml", "seed": 1, "algorithm.inner_lr": 0.2}
+    params_file = tmp_path / "sweep-params.yaml"
+    params_file.write_text(json.dumps({name: {"value": value} for name, value in parameters.items()}))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "swp12345")
+    monkeypatch.setenv("WANDB_RUN_ID", "sweeprun1")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params_file))
+    argv = [f"--{name}={value}" for name, value in parameters.items()] + [f"--{item}" for item in TINY_RUN]
+    assert main(["run", *argv, "--max-steps=2", "--accelerator=cpu", "--logger=wandb", "--quiet",
+                 f"--out-dir={tmp_path / 'runs'}", f"--records-dir={tmp_path / 'records'}"]) == 0
+    _close_wandb()
+    (path,) = (tmp_path / "records").glob("*.json")
+    record = read_record(path)
+    log = _offline_log(tmp_path / "runs" / "synthetic-5w1s" / "maml-default-seed1")
+    records = read_transaction_log(log)
+
+    (run_info,) = _of_type(records, "run")
+    assert run_info.run_id == "sweeprun1" and run_info.sweep_id == "swp12345"
+    assert {k: v for k, v in _items(run_info.config.update).items() if k != "_wandb"} == parameters
+    logged: dict[str, Any] = {}
+    for update in _of_type(records, "config"):
+        logged.update(_items(update.update))
+    expected = json.loads(json.dumps(record.config))
+    assert logged["algorithm_config"] == expected["algorithm"] and logged["algorithm_config"]["inner_lr"] == 0.2
+    assert logged["trainer"] == expected["trainer"] and logged["trainer"]["seed"] == 1
+    assert "algorithm" not in logged and "benchmark" not in logged  # the sweep's own, not sent again
+    _assert_no_network_tried(offline_env, tmp_path)
