@@ -463,6 +463,36 @@ def test_paper_presets_are_the_authors_configs(benchmark: str) -> None:
         assert config.episodes.shots + config.episodes.queries <= 20
 
 
+@pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
+def test_paper_preset_modules_take_a_training_step(benchmark: str) -> None:
+    """The authors' network and switches, built from the preset (28x28 Omniglot: 64 -> 1x1 maps; 84x84
+    mini-ImageNet: 48 x 5x5), take one second-order MSL step on a one-task stand-in batch of the benchmark's shape;
+    every parameter kind (conv, per-step batch norm, head, per-step rates) gets a meta-gradient. One query per
+    class keeps the mini-ImageNet step short on a CPU."""
+    from metabench.models.backbones import build_backbone
+
+    config = resolve(benchmark, "mamlpp", overrides=["algorithm.engine=batched"])
+    e, omniglot = config.episodes, benchmark.startswith("omniglot")
+    channels, size = (1, 28) if omniglot else (3, 84)
+    backbone = build_backbone(config.model.backbone, channels, e.ways, size, **config.model.options)
+    assert backbone.feature_size == (64 if omniglot else 48 * 25)
+    module = build_algorithm(backbone, Classification(invert=config.model.invert), config.algorithm,
+                             config.trainer.max_steps)
+    gen = torch.Generator().manual_seed(0)
+    queries = 1
+    sx = torch.randint(0, 256, (1, e.ways * e.shots, channels, size, size), generator=gen, dtype=torch.uint8)
+    qx = torch.randint(0, 256, (1, e.ways * queries, channels, size, size), generator=gen, dtype=torch.uint8)
+    batch = MetaBatch(sx, torch.arange(e.ways).repeat_interleave(e.shots)[None], qx,
+                      torch.arange(e.ways).repeat_interleave(queries)[None], torch.zeros(1, e.ways, dtype=torch.long))
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    assert module.step_weights() == msl_weights(5, 0, config.algorithm.msl_epochs)
+    module.training_step(batch, 0).backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    for kind in ("features.0.0.weight", "features.0.1.weight", "head.weight", "step_lrs.head/weight"):
+        assert grads[f"backbone.{kind}" if not kind.startswith("step_lrs") else kind].abs().sum() > 0, kind
+
+
 def test_synthetic_presets_and_ablations() -> None:
     full = resolve("synthetic-5w1s", "mamlpp").algorithm
     assert full.msl and full.lslr and full.per_step_bn and full.first_order_epochs > 0 and full.cosine_annealing
