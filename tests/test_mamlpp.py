@@ -530,7 +530,7 @@ class _Interrupt(Exception):
 def test_resumed_mamlpp_run_matches_the_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run interrupted after its step-4 checkpoint and resumed gives the uninterrupted run's test scores: the
     epoch (MSL, DA) comes from the restored global step, CA's learning rate from the restored scheduler."""
-    from metabench.runner import run
+    from metabench.runner import run, run_dir_for
 
     extra = ["algorithm.steps_per_epoch=2", "algorithm.first_order_epochs=1", "algorithm.msl_epochs=2",
              "algorithm.engine=batched"]
@@ -546,6 +546,9 @@ def test_resumed_mamlpp_run_matches_the_uninterrupted_one(tmp_path: Path, monkey
     monkeypatch.setattr(MAMLPlusPlus, "training_step", interrupted)
     with pytest.raises(_Interrupt):
         run(config, progress=False)
+    checkpoint = run_dir_for(config) / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4 and saved["lr_schedulers"]  # resumed from step 4, with CA's scheduler
     monkeypatch.setattr(MAMLPlusPlus, "training_step", step)
     resumed = run(config, resume=True, progress=False).record
     assert resumed.training_steps == whole.training_steps == 8
