@@ -224,8 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: Subparsers) -> None:
-    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, Reptile on "
-                                   "synthetic glyphs)")
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile "
+                                   "on synthetic glyphs)")
     _run_args(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--devices", type=int, help="processes per node, each with its share of every meta-batch "

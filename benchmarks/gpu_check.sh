@@ -26,6 +26,8 @@ $PY -c "import learn2learn" 2>/dev/null && echo "learn2learn: present" || echo "
 status=0
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_engines.py tests/test_inner_loop.py 2>&1 \
     | tee "$OUT_DIR/parity-cuda.log" || status=1
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_mamlpp.py -k cuda 2>&1 \
+    | tee -a "$OUT_DIR/parity-cuda.log" || status=1
 timeout 240 $PY -m metabench.cli bench speed --accelerator gpu --algorithm maml --iterations 10 --warmup 3 \
     --no-isolate --out "$OUT_DIR/speed-cuda.json" 2>&1 | tee "$OUT_DIR/speed-cuda.log" || status=1
 exit $status

@@ -356,10 +356,14 @@ def trained_config(config: RunConfig) -> dict[str, Any] | None:
 
 
 def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig) -> None:
-    """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol."""
+    """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol.
+
+    A key the trained configuration lacks (a run saved before that key existed) counts as its default value.
+    """
     before = flatten_config(trained if isinstance(trained, dict) else trained.to_dict())
+    defaults = flatten_config(RunConfig().to_dict())
     changed = [key for key, value in flatten_config(tested.to_dict()).items()
-               if before.get(key) != value and key not in TEST_PROTOCOL_KEYS]
+               if before.get(key, defaults.get(key)) != value and key not in TEST_PROTOCOL_KEYS]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
                           f"({', '.join(TEST_PROTOCOL_KEYS[:7])}) and paths, not {', '.join(changed)}")

@@ -88,6 +88,8 @@ def speed_config(benchmark: str, algorithm: str, engine: str, tiny: bool = False
                       f"algorithm.inner_steps={min(base.inner_steps, 2)}"]
         if base.inner_batch is not None:
             overrides.append(f"algorithm.inner_batch={min(base.inner_batch, 4)}")
+        if base.lslr or base.per_step_bn:  # MAML++: evaluation step i needs training step i's rates and batch norm
+            overrides.append(f"algorithm.eval_steps={min(base.eval_steps, base.inner_steps, 2)}")
     return resolve(benchmark, algorithm, overrides=overrides)
 
 

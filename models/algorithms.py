@@ -1,4 +1,4 @@
-"""MAML, FOMAML, ANIL, Meta-SGD and Reptile as Lightning modules, all on the ONE functional inner loop
+"""MAML, FOMAML, ANIL, Meta-SGD, MAML++ and Reptile as Lightning modules, all on the ONE functional inner loop
 (``inner_loop``).
 
 - MAML: meta-loss = mean over tasks of the query loss at the adapted parameters; gradients flow through
@@ -8,6 +8,10 @@
 - Meta-SGD (Li et al. 2017): the MAML module plus a learned inner step size per parameter entry (the inner
   step is ``theta - alpha * grad`` elementwise), meta-learned by the same outer Adam step; evaluation adapts
   with the learned rates.
+- MAML++ (Antoniou et al. 2019): the MAML module with five switches (:class:`MAMLPlusPlus`): multi-step loss,
+  learned per-layer per-step inner rates, per-step batch norm, derivative-order annealing, cosine annealing of
+  the meta learning rate. They reach the inner loop through the hooks every MetaLearner has (``inner_lrs``,
+  ``step_params``, ``step_weights``, ``inner_config``), so MAML's training step serves it unchanged.
 - Reptile (Nichol et al. 2018): k inner steps (SGD or Adam with beta1 = 0) per task, then
   ``theta <- theta + eps * (mean adapted - theta)``. It is written as plain SGD with learning rate ``eps``
   on the "gradient" ``theta - mean adapted``, so Lightning counts steps, checkpoints the optimizer and
@@ -30,7 +34,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -38,20 +43,23 @@ from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
 from metabench.distributed import all_reduce_gradients, broadcast_object, gather_in_order
-from metabench.models.backbones import is_norm
+from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (
     InnerConfig,
+    Lrs,
     Params,
     adapt_tasks,
     choose_engine,
     default_engine,
     engine_candidates,
     functional_loss,
+    lr_tensors,
     meta_backward,
     meta_loss,
     non_transductive_outputs,
     task_outputs,
+    with_step_params,
 )
 from metabench.models.problems import Classification, Segmentation
 from metabench.stats import mean_ci95
@@ -125,9 +133,19 @@ class MetaLearner(L.LightningModule):
         if self.config.engine == "auto" and saved.get("engine", "auto") != "auto":
             self.engine, self.engine_timings = saved["engine"], dict(saved.get("timings", {}))
 
-    def inner_lrs(self) -> Params | None:
-        """Per-parameter inner step sizes (Meta-SGD), keyed like :meth:`params`; None: the scalar
-        ``inner_lr`` / ``eval_lr`` of :meth:`inner_config`."""
+    def inner_lrs(self) -> Lrs | None:
+        """Per-parameter inner step sizes (Meta-SGD), keyed like :meth:`params`, or one such dict per inner step
+        (MAML++'s LSLR); None: the scalar ``inner_lr`` / ``eval_lr`` of :meth:`inner_config`."""
+        return None
+
+    def step_params(self) -> Params | None:
+        """Per-step parameters the inner loop passes to the network beside the adapted ones (MAML++'s per-step
+        batch norm, ``[steps, ...]`` each); None for every other algorithm."""
+        return None
+
+    def step_weights(self) -> Sequence[float] | None:
+        """Weights of the query losses after each training inner step (MAML++'s multi-step loss); None: the last
+        step's query loss alone (MAML)."""
         return None
 
     def inner_config(self, training: bool) -> InnerConfig:
@@ -170,12 +188,15 @@ class MetaLearner(L.LightningModule):
         engine = self._resolve_engine()
         sx, sy, qx, qy = self._inputs(batch)
         params = {k: v.detach() for k, v in self.params().items()}
-        lrs = self.inner_lrs()
-        lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
+        lrs = _detached_lrs(self.inner_lrs())
+        step_params = self.step_params()
+        step_params = None if step_params is None else {k: v.detach() for k, v in step_params.items()}
+        config = self.inner_config(False)
         with torch.enable_grad():  # Lightning evaluates under no_grad; adaptation needs gradients
-            adapted = adapt_tasks(params, self.task_loss, sx, sy, self.inner_config(False), engine, lrs)
+            adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine, lrs, step_params)
         with torch.no_grad():
-            adapted = {k: v.detach() for k, v in adapted.items()}
+            # the queries see the batch-norm parameters of the last step taken (no per-step ones: adapted as is)
+            adapted = with_step_params({k: v.detach() for k, v in adapted.items()}, step_params, config.steps)
             if self.config.bn_mode == "transductive":
                 outputs = task_outputs(self.backbone, adapted, qx, engine)
             else:
@@ -243,30 +264,45 @@ class MAML(MetaLearner):
     def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor | None:
         sx, sy, qx, qy = self._inputs(batch)
         params, config, lrs = self.params(), self.inner_config(True), self.inner_lrs()
-        learned = [*params.values(), *(lrs or {}).values()]
+        step_params, weights = self.step_params(), self.step_weights()
+        learned = [*params.values(), *lr_tensors(lrs), *(step_params or {}).values()]
 
         def probe(engine: str) -> None:  # "auto": one meta-gradient per candidate, discarded
             chunk = self.config.task_chunk or sx.shape[0]  # in the step's chunks: the probe keeps its memory cap
             for start in range(0, sx.shape[0], chunk):
                 part = slice(start, start + chunk)
                 probe_loss, _ = meta_loss(self.backbone, params, self.inner_loss, sx[part], sy[part], qx[part],
-                                          qy[part], config, engine, lrs)
+                                          qy[part], config, engine, lrs, step_params, weights)
                 torch.autograd.grad(probe_loss, learned, allow_unused=True)
 
         engine = self._resolve_engine(probe)
         if self.automatic_optimization:
-            loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine, lrs)
+            loss, outputs = meta_loss(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine, lrs,
+                                      step_params, weights)
             self._pending = (loss.detach(), sx.shape[0])  # synced and checked in on_after_backward
-            self._log_train(loss / self.config.inner_loss_scale, outputs, qy)  # comparable across algorithms
+            self._log_meta_loss(loss, weights, outputs, qy)
             return loss
         optimizer = self.optimizers()
         optimizer.zero_grad()
         loss, outputs = meta_backward(self.backbone, params, self.inner_loss, sx, sy, qx, qy, config, engine,
-                                      self.config.task_chunk, lrs)
+                                      self.config.task_chunk, lrs, step_params, weights)
         self.sync_meta_gradient(loss, sx.shape[0])  # before the step: a diverged meta-gradient never lands
         optimizer.step()
-        self._log_train(loss / self.config.inner_loss_scale, outputs, qy)
+        scheduler = self.lr_schedulers()  # manual optimization: Lightning leaves stepping it to us
+        if scheduler is not None:
+            scheduler.step()
+        self._log_meta_loss(loss, weights, outputs, qy)
         return None
+
+    def _log_meta_loss(self, loss: torch.Tensor, weights: Sequence[float] | None, outputs: torch.Tensor,
+                       targets: torch.Tensor) -> None:
+        """Log the last step's plain mean query loss, comparable across algorithms: the meta-loss unscaled, or
+        (multi-step loss) recomputed from the last step's query outputs."""
+        if weights is not None:
+            loss = torch.stack([self.problem.loss(o, y) for o, y in zip(outputs, targets)]).mean()
+        else:
+            loss = loss / self.config.inner_loss_scale
+        self._log_train(loss, outputs, targets)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)  # with Meta-SGD: the rates too
@@ -275,6 +311,14 @@ class MAML(MetaLearner):
 def _lr_key(name: str) -> str:
     """A parameter name as a ParameterDict key (which may not contain ".")."""
     return name.replace(".", "/")
+
+
+def _detached_lrs(lrs: Lrs | None) -> Lrs | None:
+    if lrs is None:
+        return None
+    if isinstance(lrs, dict):
+        return {k: v.detach() for k, v in lrs.items()}
+    return [{k: v.detach() for k, v in step.items()} for step in lrs]
 
 
 class MetaSGD(MAML):
@@ -294,6 +338,107 @@ class MetaSGD(MAML):
 
     def inner_lrs(self) -> Params:
         return {name: self.learned_lrs[_lr_key(name)] for name in self.params()}
+
+
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
+    """MAML++'s multi-step loss weights of the query losses after inner steps ``1..steps`` in ``epoch`` (0-based).
+
+    As the authors' code computes them (few_shot_learning_system.py ``get_per_step_loss_importance_vector``):
+    every step starts at ``1 / steps``; each epoch moves ``1 / steps / msl_epochs`` of weight from every earlier
+    step (down to at least ``0.03 / steps``) to the last one (up to at most ``1 - (steps - 1) * 0.03 / steps``).
+    From epoch ``msl_epochs`` on only the last step counts (weight 1): the code's ``forward`` uses the weighted
+    losses only "if ... epoch < self.args.multi_step_loss_num_epochs".
+    """
+    if epoch >= msl_epochs:
+        return [0.0] * (steps - 1) + [1.0]
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    earlier = [max(1.0 / steps - epoch * decay, floor) for _ in range(steps - 1)]
+    last = min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return [*earlier, last]
+
+
+def cosine_lr(epoch: int, epochs: float, lr: float, lr_min: float) -> float:
+    """MAML++'s meta learning rate in ``epoch`` (0-based) of ``epochs``: ``torch.optim.lr_scheduler.
+    CosineAnnealingLR(T_max=epochs, eta_min=lr_min)`` stepped once per epoch (the code's ``scheduler.step(epoch=
+    epoch)``), i.e. ``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2``."""
+    return lr_min + (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+
+
+class MAMLPlusPlus(MAML):
+    """MAML++ (Antoniou, Edwards, Storkey, ICLR 2019, arXiv:1810.09502): MAML with five switches, each a key of
+    ``AlgorithmConfig`` (all off: exactly MAML). Training counts epochs of ``steps_per_epoch`` meta-steps.
+
+    - ``msl`` (MSL): the meta-loss is ``sum_i w_i * (query loss after inner step i)`` with :func:`msl_weights`
+      for the first ``msl_epochs`` epochs (:meth:`step_weights`), then the last step's loss alone.
+    - ``lslr`` (LSLR): one learned inner step size per adapted parameter tensor and per inner step,
+      ``self.step_lrs[name]`` of shape ``[inner_steps]`` initialised to ``inner_lr`` and meta-learned by the outer
+      Adam step; evaluation step ``i`` uses rate ``i`` (so ``eval_steps <= inner_steps``).
+    - ``per_step_bn`` (BNWB + BNRS): the backbone's batch-norm weight and bias become ``[inner_steps, C]``
+      (:func:`metabench.models.backbones.make_norm_per_step`, same parameter names, so ``functional_call``, every
+      engine, the state dict and checkpoints carry them); inner step ``i`` and the query forward after it use row
+      ``i - 1`` (the code indexes its per-step ``weight``/``bias`` by ``num_step`` in both), and evaluation with
+      ``k`` steps scores the queries with row ``k - 1``. They are meta-learned, never adapted (``adapt_norm``
+      must be false, as the code's ``enable_inner_loop_optimizable_bn_params: false``). Statistics: metabench's
+      batch norm keeps no running statistics; every forward normalises with the statistics of its own batch,
+      per step, at training and at test time (transductive, ``bn_mode``), which is what the authors' code
+      computes too: its per-step running means are updated but its ``F.batch_norm(..., training=True, ...)``
+      always normalises with the batch (HowToTrainYourMAMLPytorch issues #3 and #24). ``bn_mode`` works as for
+      MAML (non-transductive: support set + one query per batch, with the last step's row).
+    - ``first_order_epochs`` (DA): first order in epochs ``0 .. first_order_epochs - 1``, second order after (the
+      code's ``first_order_to_second_order_epoch = E`` is ``first_order_epochs = E + 1``).
+    - ``cosine_annealing`` (CA): the meta learning rate follows :func:`cosine_lr` from ``meta_lr`` to
+      ``meta_lr_min`` over ``max_steps / steps_per_epoch`` epochs, constant within an epoch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.per_step_names = make_norm_per_step(self.backbone, cfg.inner_steps) if cfg.per_step_bn else []
+        self.step_lrs = nn.ParameterDict({
+            _lr_key(name): nn.Parameter(torch.full((cfg.inner_steps,), cfg.inner_lr, dtype=p.dtype))
+            for name, p in self.params().items()} if cfg.lslr else {})
+
+    def epoch(self) -> int:
+        """The training epoch (0-based) of the current meta-step."""
+        return int(self.global_step) // self.config.steps_per_epoch
+
+    def inner_lrs(self) -> list[Params] | None:
+        if not self.config.lslr:
+            return None
+        names = list(self.params())
+        return [{name: self.step_lrs[_lr_key(name)][i] for name in names} for i in range(self.config.inner_steps)]
+
+    def step_params(self) -> Params | None:
+        if not self.per_step_names:
+            return None
+        named = dict(self.backbone.named_parameters())
+        return {name: named[name] for name in self.per_step_names}
+
+    def step_weights(self) -> list[float] | None:
+        """MSL's weights in the current epoch; None (the last step's loss alone, MAML's objective) without MSL or
+        once its epochs are over, when the weights would be ``[0, ..., 0, 1]``."""
+        if not self.config.msl or self.epoch() >= self.config.msl_epochs:
+            return None
+        return msl_weights(self.config.inner_steps, self.epoch(), self.config.msl_epochs)
+
+    def inner_config(self, training: bool) -> InnerConfig:
+        config = super().inner_config(training)
+        if training and self.epoch() < self.config.first_order_epochs:  # DA: first order before the switch
+            config = dataclasses.replace(config, first_order=True)
+        return config
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()  # Adam(meta_lr) over everything: backbone, rates, batch norm
+        if not self.config.cosine_annealing:
+            return optimizer
+        cfg, epochs = self.config, self.max_steps / self.config.steps_per_epoch
+
+        def factor(step: int) -> float:  # LambdaLR multiplies meta_lr by this at meta-step ``step``
+            return cosine_lr(step // cfg.steps_per_epoch, epochs, cfg.meta_lr, cfg.meta_lr_min) / cfg.meta_lr
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class Reptile(MetaLearner):
@@ -411,7 +556,7 @@ def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None,
 
 
 MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MetaSGD,
-                                         "reptile": Reptile, "transfer": Transfer}
+                                         "mamlpp": MAMLPlusPlus, "reptile": Reptile, "transfer": Transfer}
 
 
 def build_algorithm(backbone: nn.Module, problem: Problem, config: AlgorithmConfig,

@@ -26,6 +26,10 @@ class BatchNorm2d(nn.Module):
 
     ``scale=False`` drops the learnable scale (gamma), keeping only the offset (beta): what MAML's reference
     code gets from ``tf.contrib.layers.batch_norm``'s defaults (``center=True, scale=False``, epsilon 1e-3).
+
+    Per-step parameters (MAML++, :func:`make_norm_per_step`): ``weight`` / ``bias`` then hold one row per inner
+    step, ``[steps, num_features]``, and the inner loop passes the current step's row through ``functional_call``;
+    called with the stacked rows themselves, the layer refuses to guess a step.
     """
 
     reduce_dims: tuple[int, ...] = (0, 2, 3)
@@ -41,6 +45,9 @@ class BatchNorm2d(nn.Module):
         return (1, -1) + (1,) * (x.dim() - 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias.dim() != 1:
+            raise RuntimeError(f"{type(self).__name__} holds per-step parameters {tuple(self.bias.shape)}: run it "
+                               "through the inner loop, which passes one step's row (see make_norm_per_step)")
         mean = x.mean(dim=self.reduce_dims, keepdim=True)
         var = (x - mean).square().mean(dim=self.reduce_dims, keepdim=True)  # biased, as F.batch_norm normalises
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
@@ -63,11 +70,41 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, BatchNorm2d)
 
 
+def make_norm_per_step(model: nn.Module, steps: int) -> list[str]:
+    """Give every batch-norm layer of ``model`` one weight and bias per inner step (MAML++'s BNWB), in place.
+
+    Each batch-norm parameter ``[C]`` becomes ``[steps, C]``, every row a copy of its current value, under the same
+    name: the parameter set (and so the state dict and checkpoints) says how many steps the network was built for,
+    and ``functional_call`` / ``batched_forward`` take one row per step from the inner loop (``step_params``).
+    Returns the converted parameter names. Raises ``ValueError`` when ``model`` has no batch norm.
+    """
+    if steps < 1:
+        raise ValueError(f"make_norm_per_step needs steps >= 1, got {steps}")
+    names = []
+    for prefix, module in model.named_modules():
+        if not is_norm(module):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            stacked = param.detach().unsqueeze(0).repeat(steps, *(1,) * param.dim())
+            setattr(module, name, nn.Parameter(stacked, requires_grad=param.requires_grad))
+            names.append(f"{prefix}.{name}" if prefix else name)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no batch-norm parameters to make per-step")
+    return names
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,  # negative slope 0.01, as F.leaky_relu's default (MAML++'s code)
+}
+
+
 def _conv_block(in_channels: int, out_channels: int, pool: bool, norm_eps: float = 1e-5,
-                norm_scale: bool = True) -> nn.Sequential:
-    """[3x3 conv, BatchNorm2d, ReLU] (+ 2x2 max-pool); without pooling the conv has stride 2 instead."""
+                norm_scale: bool = True, activation: str = "relu") -> nn.Sequential:
+    """[3x3 conv, BatchNorm2d, activation] (+ 2x2 max-pool); without pooling the conv has stride 2 instead."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1 if pool else 2, padding=1)
-    layers: list[nn.Module] = [conv, BatchNorm2d(out_channels, eps=norm_eps, scale=norm_scale), nn.ReLU()]
+    layers: list[nn.Module] = [conv, BatchNorm2d(out_channels, eps=norm_eps, scale=norm_scale),
+                               ACTIVATIONS[activation]()]
     if pool:
         layers.append(nn.MaxPool2d(2))  # floor division of the size, like TF's 'VALID' pooling in MAML's code
     return nn.Sequential(*layers)
@@ -86,22 +123,26 @@ class Conv4(nn.Module):
     Init (MAML's reference code): Xavier-uniform conv weights and zero conv biases; the linear head is
     Xavier-uniform with zero bias by default. ``head_init_std=s`` draws the head's weight from N(0, s^2) instead:
     MAML's Omniglot code has ``tf.random_normal([dim_hidden, dim_output])`` (s = 1; its mini-ImageNet head is
-    Xavier). Batch-norm affine starts at weight 1, bias 0.
+    Xavier). Batch-norm affine starts at weight 1, bias 0. ``activation``: "relu" (default) or "leaky_relu"
+    (MAML++'s code).
 
     Input: float ``[B, in_channels, image_size, image_size]``, already scaled (e.g. uint8 / 255 by the caller).
     """
 
     def __init__(self, in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
                  global_pool: bool = False, norm_eps: float = 1e-5, norm_scale: bool = True,
-                 head_init_std: float | None = None) -> None:
+                 head_init_std: float | None = None, activation: str = "relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Conv4: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
         if min(in_channels, ways, image_size, hidden) < 1:
             raise ValueError(f"Conv4 needs positive sizes, got in_channels={in_channels}, ways={ways}, "
                              f"image_size={image_size}, hidden={hidden}")
         if head_init_std is not None and not head_init_std > 0:
             raise ValueError(f"Conv4: head_init_std must be positive (or null for Xavier), got {head_init_std}")
         self.features = nn.Sequential(
-            *(_conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps, norm_scale) for i in range(4)),
+            *(_conv_block(in_channels if i == 0 else hidden, hidden, pool, norm_eps, norm_scale, activation)
+              for i in range(4)),
             *([nn.AdaptiveAvgPool2d(1)] if global_pool else []),
             nn.Flatten(),
         )
@@ -160,7 +201,7 @@ def _batched_layer(layer: nn.Module, name: str, params: dict[str, torch.Tensor],
         return _batched_norm(layer, name, params, h)
     if isinstance(layer, nn.Flatten):  # [n, T*C, a, b] -> [n, T, C*a*b]: each task's slice flattened as forward does
         return h.reshape(h.shape[0], tasks, -1)
-    if isinstance(layer, (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):  # parameter-free, per channel
+    if isinstance(layer, (nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):  # parameter-free, per channel
         return layer(h)
     raise TypeError(f"Conv4.batched_forward: no batched rule for layer {name} ({type(layer).__name__})")
 
@@ -180,7 +221,8 @@ def _batched_norm(layer: BatchNorm2d, name: str, params: dict[str, torch.Tensor]
 
 def conv4(in_channels: int, ways: int, image_size: int, hidden: int = 64, pool: bool = False,
           global_pool: bool = False, **norm: Any) -> Conv4:
-    """Generic Conv4 (any filter count / pooling); ``norm``: ``norm_eps``, ``norm_scale``, ``head_init_std``."""
+    """Generic Conv4 (any filter count / pooling); ``norm``: ``norm_eps``, ``norm_scale``, ``head_init_std``,
+    ``activation``."""
     return Conv4(in_channels, ways, image_size, hidden=hidden, pool=pool, global_pool=global_pool, **norm)
 
 

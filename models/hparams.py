@@ -5,16 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # "anil" is MAML adapting only the network's head in the inner loop (Raghu et al. 2020); "metasgd" is MAML with a
-# learned inner step size per parameter entry (Li et al. 2017). "transfer" is the fine-tuning baseline (supervised
+# learned inner step size per parameter entry (Li et al. 2017); "mamlpp" is MAML++ (Antoniou et al. 2019): MAML with
+# five switchable changes (see MAMLPP_SWITCHES). "transfer" is the fine-tuning baseline (supervised
 # pre-training, then the same test-time adaptation); it is defined for class-agnostic labels only (1-way
 # segmentation). The one home of these lists: the inner loop, the CLI and the benchmarks import them from here.
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "transfer")
-SECOND_ORDER = ("maml", "anil", "metasgd")  # differentiate through the inner steps in training
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer")
+SECOND_ORDER = ("maml", "anil", "metasgd", "mamlpp")  # differentiate through the inner steps in training
 ANIL_HEAD = "head"  # the parameter-name prefix of every backbone's classifier (Conv4, MLP, ConvSeg)
 BN_MODES = ("transductive", "non-transductive")
 INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
 ENGINES = ("auto", *INNER_ENGINES)  # algorithm.engine: "auto" times INNER_ENGINES' candidates on the first step
 INNER_OPTIMIZERS = ("sgd", "adam")
+# MAML++'s five changes, each an AlgorithmConfig switch (off = MAML's behaviour): multi-step loss, learned per-layer
+# per-step inner rates, per-step batch norm, derivative-order annealing (epochs of first order), cosine annealing.
+MAMLPP_SWITCHES = ("msl", "lslr", "per_step_bn", "first_order_epochs", "cosine_annealing")
 
 
 @dataclass
@@ -51,6 +55,24 @@ class AlgorithmConfig:
     adapt_norm: bool = True
     # Segmentation: weight of the soft Dice loss added to the per-pixel cross-entropy (0 = cross-entropy only).
     dice_weight: float = 0.0
+    # -- MAML++ (Antoniou et al. 2019; name "mamlpp" only, all off by default: then mamlpp is exactly maml) --------
+    # MAML++ counts training in epochs of `steps_per_epoch` meta-steps (its code's `total_iter_per_epoch`); the MSL
+    # weights, the DA switch and the CA learning rate change at epoch boundaries, as there.
+    steps_per_epoch: int = 500
+    # MSL: the meta-loss is the weighted sum of the query losses after EVERY inner step, with the code's annealed
+    # weights (models.algorithms.msl_weights) for the first `msl_epochs` epochs; after that the last step's only.
+    msl: bool = False
+    msl_epochs: int = 10
+    # LSLR: a learned inner step size per adapted parameter tensor and per inner step (initialised to inner_lr).
+    lslr: bool = False
+    # BNWB + BNRS: one batch-norm weight and bias per inner step (meta-learned, never adapted: needs adapt_norm
+    # false); every step normalises with its own batch's statistics (no running statistics are kept).
+    per_step_bn: bool = False
+    # DA: the first `first_order_epochs` epochs train first order, the rest second order (0 = second order only).
+    first_order_epochs: int = 0
+    # CA: meta learning rate cosine-annealed per epoch from meta_lr to meta_lr_min over the run's epochs.
+    cosine_annealing: bool = False
+    meta_lr_min: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -84,6 +106,7 @@ class AlgorithmConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
         self._check_metasgd()
+        self._check_mamlpp()
 
     def _check_metasgd(self) -> None:
         """Meta-SGD's inner rule is SGD with its own learned rates, at training and at test time."""
@@ -95,6 +118,33 @@ class AlgorithmConfig:
         if self.eval_lr is not None:
             raise ValueError("algorithm.eval_lr must be null for metasgd: evaluation adapts with the learned "
                              "per-parameter rates (algorithm.inner_lr is only their initial value)")
+
+    def _check_mamlpp(self) -> None:
+        """MAML++'s switches belong to mamlpp; their combinations and the evaluation they imply."""
+        for key in ("steps_per_epoch", "msl_epochs"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
+        if self.first_order_epochs < 0:
+            raise ValueError(f"algorithm.first_order_epochs must be >= 0, got {self.first_order_epochs}")
+        if not 0 <= self.meta_lr_min <= self.meta_lr:
+            raise ValueError(f"algorithm.meta_lr_min must be in [0, meta_lr], got {self.meta_lr_min}")
+        on = [key for key in MAMLPP_SWITCHES if getattr(self, key)]
+        if self.name != "mamlpp":
+            if on:
+                raise ValueError(f"algorithm.{on[0]} is a MAML++ switch: use --algorithm mamlpp")
+            return
+        if self.lslr and self.inner_optimizer != "sgd":
+            raise ValueError(f"algorithm.inner_optimizer must be sgd with lslr (its inner step is theta - alpha * grad "
+                             f"with learned alpha), got {self.inner_optimizer!r}")
+        if self.lslr and self.eval_lr is not None:
+            raise ValueError("algorithm.eval_lr must be null with lslr: evaluation adapts with the learned per-step "
+                             "rates (algorithm.inner_lr is only their initial value)")
+        if (self.lslr or self.per_step_bn) and self.eval_steps > self.inner_steps:
+            raise ValueError(f"algorithm.eval_steps ({self.eval_steps}) must be <= inner_steps ({self.inner_steps}) "
+                             "with lslr or per_step_bn: evaluation step i uses training step i's rates and batch norm")
+        if self.per_step_bn and self.adapt_norm:
+            raise ValueError("algorithm.per_step_bn needs adapt_norm=false: the per-step batch-norm weights and biases "
+                             "are meta-learned, one set per inner step, and never adapted in the inner loop")
 
     @property
     def first_order(self) -> bool:

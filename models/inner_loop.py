@@ -1,4 +1,4 @@
-"""The one functional inner loop shared by every algorithm (MAML, FOMAML, ANIL, Meta-SGD, Reptile).
+"""The one functional inner loop shared by every algorithm (MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile).
 
 Parameters travel as plain dicts (``Params``); the backbone is run through ``torch.func.functional_call``.
 ``adapt`` adapts ONE task and is a pure function ``params -> adapted params``; ``adapt_tasks`` maps it over a
@@ -18,7 +18,18 @@ outer autograd, so ``meta_loss(...).backward()`` is second-order MAML. Backbones
 
 The inner step size is ``config.lr`` unless ``lrs`` (a dict like ``params``, same shapes) is given: then each
 entry has its own step size, ``theta - lrs * grad`` elementwise (Meta-SGD, Li et al. 2017). ``lrs`` may require
-grad; the meta-gradient then reaches them through every engine exactly as it reaches ``params``.
+grad; the meta-gradient then reaches them through every engine exactly as it reaches ``params``. ``lrs`` may also
+be a sequence of such dicts, one per inner step (step ``i`` uses ``lrs[i - 1]``); their values only need to
+broadcast against the parameters, so 0-dim tensors give MAML++'s learned per-layer per-step rates (LSLR).
+
+MAML++ (Antoniou et al. 2019) adds two more arguments, both None for every other algorithm:
+
+- ``step_params``: parameters of the model that change with the inner step but are not adapted (MAML++'s per-step
+  batch-norm weights and biases): each value carries a leading ``steps`` dim, and the model sees row ``i - 1``
+  during inner step ``i`` (support forward and inner gradient) and in the query forward after it. They are passed
+  to ``functional_call`` / ``batched_forward`` next to the adapted parameters (:func:`with_step_params`), so every
+  engine handles them, and the meta-gradient reaches each row only through the computations of its own step.
+- ``step_weights`` (:func:`meta_loss`): the multi-step loss, ``sum_i w_i * (mean query loss after step i)``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from torch.func import functional_call, grad, vmap
 from metabench.models.hparams import INNER_ENGINES, INNER_OPTIMIZERS
 
 Params = dict[str, Tensor]
+Lrs = Params | Sequence[Params]  # per-entry inner step sizes, or one such dict per inner step (LSLR)
 TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]  # (params, x, y) -> scalar loss of ONE task
 ENGINES = INNER_ENGINES
 
@@ -110,35 +122,73 @@ def _safe_sqrt(v: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
+def _lrs_at(lrs: Lrs | None, step: int) -> Params | None:
+    """The step sizes of inner step ``step`` (1-based): ``lrs`` itself, or its entry for that step."""
+    return lrs if lrs is None or isinstance(lrs, dict) else lrs[step - 1]
+
+
+def lr_tensors(lrs: Lrs | None) -> list[Tensor]:
+    """Every rate tensor of ``lrs`` (a dict, or one dict per inner step)."""
+    if lrs is None:
+        return []
+    return list(lrs.values()) if isinstance(lrs, dict) else [t for step in lrs for t in step.values()]
+
+
+def step_rows(step_params: Params, index: int) -> Params:
+    """Row ``index`` (0-based inner step) of every per-step parameter."""
+    return {k: v[index] for k, v in step_params.items()}
+
+
+def with_step_params(adapted: Params, step_params: Params | None, steps: int) -> Params:
+    """``adapted`` (``[T, *shape]``) plus the per-step parameters the model uses after ``steps`` inner steps (row
+    ``steps - 1``; row 0 without steps), expanded over the task dim: what a query forward after ``steps`` steps
+    needs. Without ``step_params``, ``adapted`` itself."""
+    if not step_params:
+        return adapted
+    tasks = next(iter(adapted.values())).shape[0]
+    rows = step_rows(step_params, max(steps, 1) - 1)
+    return {**{k: v.expand(tasks, *v.shape) for k, v in rows.items()}, **adapted}
+
+
 def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: InnerConfig,
-          lrs: Params | None = None) -> Params:
+          lrs: Lrs | None = None, step_params: Params | None = None,
+          trajectory: bool = False) -> Params | list[Params]:
     """Adapt ``params`` to ONE task (support ``x``, ``y``) with ``config.steps`` gradient steps.
 
     Pure: returns new tensors, never touches ``params``. With ``first_order=False`` the result is
     differentiable w.r.t. ``params`` through every inner step; with ``first_order=True`` the inner
     gradients are constants, so d(adapted)/d(params) is the identity (for SGD). ``lrs``: per-entry step
-    sizes replacing ``config.lr`` (Meta-SGD); the result is differentiable w.r.t. them in both modes.
+    sizes replacing ``config.lr`` (Meta-SGD), or one dict per step (LSLR); the result is differentiable w.r.t.
+    them in both modes. ``step_params``: per-step, non-adapted parameters (row ``i - 1`` at step ``i``; see the
+    module docstring). ``trajectory``: return the list of the parameters after each step instead of the last.
     """
     grad_fn = grad(task_loss)
     m: Params = {}
     v: Params = {}
+    path: list[Params] = []
     for step in range(1, config.steps + 1):
         xi, yi = (x[step - 1], y[step - 1]) if config.per_step_batches else (x, y)
+        if step_params:  # this step's rows sit beside the adapted parameters; only the latter are differentiated
+            rows = step_rows(step_params, step - 1)
+            grad_fn = grad(lambda p, xb, yb, rows=rows: task_loss({**rows, **p}, xb, yb))
         if config.first_order:
             with torch.no_grad():  # torch.func.grad still differentiates inside; the OUTER graph is not built
                 grads = grad_fn(params, xi, yi)
         else:
             grads = grad_fn(params, xi, yi)
-        params = _inner_update(params, grads, m, v, step, config, lrs)
-    return params
+        params = _inner_update(params, grads, m, v, step, config, _lrs_at(lrs, step))
+        if trajectory:
+            path.append(params)
+    return path if trajectory else params
 
 
 def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig,
                   lrs: Params | None = None) -> Params:
     """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state).
 
-    ``lrs[k]`` (shape of the parameter) replaces ``config.lr`` for parameter ``k``; it broadcasts over a leading
-    task dim, so the "batched" engine's ``[T, *shape]`` parameters share one set of rates.
+    ``lrs[k]`` (shape of the parameter, or anything that broadcasts to it: a 0-dim LSLR rate) replaces ``config.lr``
+    for parameter ``k``; it broadcasts over a leading task dim, so the "batched" engine's ``[T, *shape]``
+    parameters share one set of rates.
     """
     if config.optimizer == "sgd":
         if lrs is not None:  # Meta-SGD: theta - alpha * grad, elementwise (l2l's meta_sgd_update, same op order)
@@ -164,12 +214,14 @@ def _batched_ok(task_loss: TaskLoss, params: Params) -> bool:
 
 
 def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
-                  lrs: Params | None = None) -> Params:
+                  lrs: Lrs | None = None, step_params: Params | None = None,
+                  trajectory: bool = False) -> Params | list[Params]:
     """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engine).
 
-    ``params`` (and ``lrs``) are shared ``[*shape]``; returns ``[T, *shape]``. Each step runs ``batched_forward``
-    once and takes ONE ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the
-    tasks share no computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
+    ``params`` (and ``lrs``, ``step_params``) are shared ``[*shape]``; returns ``[T, *shape]`` (or, with
+    ``trajectory``, the list of them after each step). Each step runs ``batched_forward`` once and takes ONE
+    ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the tasks share no
+    computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
     """
     model, loss = task_loss.model, task_loss.loss
     tasks = xs.shape[0]
@@ -177,10 +229,11 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
     # Second order only where the outer graph can use it; otherwise inner gradients are constants (as in
     # ``adapt``, whose torch.func.grad gives the same values either way).
     second_order = not config.first_order and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*params.values(), *(lrs or {}).values()))
+        t.requires_grad for t in (*params.values(), *lr_tensors(lrs), *(step_params or {}).values()))
     current = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
     m: Params = {}
     v: Params = {}
+    path: list[Params] = []
     for step in range(1, config.steps + 1):
         xi, yi = (xs[:, step - 1], ys[:, step - 1]) if config.per_step_batches else (xs, ys)
         if second_order:
@@ -188,11 +241,16 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
             leaves = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in current.items()}
         else:
             leaves = {k: p.detach().requires_grad_() for k, p in current.items()}
+        inputs = with_step_params(leaves, step_params, step)  # leaves alone without per-step parameters
         with torch.enable_grad():
-            total = per_task_loss(model.batched_forward(with_frozen(model, leaves, tasks), xi), yi).sum()
+            total = per_task_loss(model.batched_forward(with_frozen(model, inputs, tasks), xi), yi).sum()
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
                                         allow_unused=True, materialize_grads=True)
-        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config, lrs)
+        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config, _lrs_at(lrs, step))
+        if trajectory:
+            path.append(current)
+    if trajectory:
+        return [{k: p.contiguous() for k, p in step.items()} for step in path]
     return {k: p.contiguous() for k, p in current.items()}  # 0 steps: a real [T, ...] copy, as the other engines
 
 
@@ -201,22 +259,41 @@ def _check_engine(engine: str) -> None:
         raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
 
+def _check_inner_args(params: Params, config: InnerConfig, lrs: Lrs | None, step_params: Params | None) -> None:
+    for step_lrs in ([] if lrs is None else [lrs] if isinstance(lrs, dict) else list(lrs)):
+        if set(step_lrs) != set(params):
+            raise ValueError(f"lrs must name exactly the adapted parameters; missing "
+                             f"{sorted(set(params) - set(step_lrs))}, extra {sorted(set(step_lrs) - set(params))}")
+    if lrs is not None and not isinstance(lrs, dict) and len(lrs) < config.steps:
+        raise ValueError(f"per-step lrs cover {len(lrs)} steps, the inner loop takes {config.steps}")
+    if step_params:
+        if set(step_params) & set(params):
+            raise ValueError(f"step_params may not be adapted too: {sorted(set(step_params) & set(params))}")
+        short = [k for k, v in step_params.items() if v.shape[0] < max(config.steps, 1)]
+        if short:
+            raise ValueError(f"step_params {short} have fewer rows than the {config.steps} inner steps")
+
+
 def adapt_tasks(params: Params, task_loss: TaskLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
-                engine: str = "vmap", lrs: Params | None = None) -> Params:
+                engine: str = "vmap", lrs: Lrs | None = None, step_params: Params | None = None,
+                trajectory: bool = False) -> Params | list[Params]:
     """Adapt ``params`` to each task of a meta-batch: ``xs [T, n, ...]``, ``ys [T, n, ...]``.
 
-    ``lrs``: per-entry inner step sizes shared by the tasks (Meta-SGD), else ``config.lr``. Returns adapted
-    parameters with a leading task dim ``[T, *shape]``.
+    ``lrs``: per-entry inner step sizes shared by the tasks (Meta-SGD), or one dict per step (LSLR), else
+    ``config.lr``. ``step_params``: per-step non-adapted parameters, shared by the tasks (MAML++'s batch norm).
+    Returns adapted parameters with a leading task dim ``[T, *shape]``; with ``trajectory``, the list of them
+    after each inner step (MAML++'s multi-step loss).
     """
     _check_engine(engine)
-    if lrs is not None and set(lrs) != set(params):
-        raise ValueError(f"lrs must name exactly the adapted parameters; missing {sorted(set(params) - set(lrs))}, "
-                         f"extra {sorted(set(lrs) - set(params))}")
+    _check_inner_args(params, config, lrs, step_params)
     if engine == "vmap":
-        return vmap(adapt, in_dims=(None, None, 0, 0, None, None))(params, task_loss, xs, ys, config, lrs)
+        return vmap(adapt, in_dims=(None, None, 0, 0, None, None, None, None))(params, task_loss, xs, ys, config,
+                                                                               lrs, step_params, trajectory)
     if engine == "batched" and _batched_ok(task_loss, params):
-        return adapt_batched(params, task_loss, xs, ys, config, lrs)  # type: ignore[arg-type]
-    per_task = [adapt(params, task_loss, x, y, config, lrs) for x, y in zip(xs, ys)]
+        return adapt_batched(params, task_loss, xs, ys, config, lrs, step_params, trajectory)  # type: ignore[arg-type]
+    per_task = [adapt(params, task_loss, x, y, config, lrs, step_params, trajectory) for x, y in zip(xs, ys)]
+    if trajectory:
+        return [{k: torch.stack([p[i][k] for p in per_task]) for k in params} for i in range(config.steps)]
     return {k: torch.stack([p[k] for p in per_task]) for k in params}
 
 
@@ -234,36 +311,58 @@ def task_outputs(model: nn.Module, adapted: Params, xs: Tensor, engine: str = "v
     return torch.stack([forward({k: p[t] for k, p in adapted.items()}, x) for t, x in enumerate(xs)])
 
 
+def _query_losses(task_loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, query_y: Tensor,
+                  engine: str) -> Tensor:
+    if engine in ("vmap", "batched"):
+        return vmap(task_loss_fn)(outputs, query_y)
+    return torch.stack([task_loss_fn(o, y) for o, y in zip(outputs, query_y)])
+
+
 def meta_loss(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, Tensor], Tensor],
               support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, config: InnerConfig,
-              engine: str = "vmap", lrs: Params | None = None) -> tuple[Tensor, Tensor]:
+              engine: str = "vmap", lrs: Lrs | None = None, step_params: Params | None = None,
+              step_weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
     """MAML's objective (FOMAML's with ``config.first_order``): mean over tasks of the query loss after adapting.
 
     ``task_loss_fn(outputs, targets)`` is the per-task loss (e.g. ``F.cross_entropy``), used both for the
-    inner steps on the support set and for the query loss. ``lrs``: per-entry inner step sizes (Meta-SGD).
-    Returns ``(loss, query_outputs)``: a scalar differentiable w.r.t. ``params`` (and ``lrs``) and the detached
-    query outputs ``[T, m, ways]``.
+    inner steps on the support set and for the query loss. ``lrs``: per-entry inner step sizes (Meta-SGD) or
+    one dict per step (LSLR); ``step_params``: per-step non-adapted parameters (MAML++'s batch norm).
+    ``step_weights`` (one float per inner step; MAML++'s multi-step loss): the objective is instead
+    ``sum_i step_weights[i-1] * (mean over tasks of the query loss after step i)``; steps of weight 0 are not
+    evaluated, except the last. Returns ``(loss, query_outputs)``: a scalar differentiable w.r.t. ``params`` (and
+    ``lrs``, ``step_params``) and the detached query outputs ``[T, m, ways]`` after the last step.
     """
-    adapted = adapt_tasks(params, functional_loss(model, task_loss_fn), support_x, support_y, config, engine, lrs)
-    outputs = task_outputs(model, adapted, query_x, engine)
-    if engine in ("vmap", "batched"):
-        losses = vmap(task_loss_fn)(outputs, query_y)
-    else:
-        losses = torch.stack([task_loss_fn(o, y) for o, y in zip(outputs, query_y)])
-    return losses.mean(), outputs.detach()
+    task_loss = functional_loss(model, task_loss_fn)
+    if step_weights is None:
+        adapted = adapt_tasks(params, task_loss, support_x, support_y, config, engine, lrs, step_params)
+        outputs = task_outputs(model, with_step_params(adapted, step_params, config.steps), query_x, engine)
+        return _query_losses(task_loss_fn, outputs, query_y, engine).mean(), outputs.detach()
+    if config.steps < 1 or len(step_weights) != config.steps:
+        raise ValueError(f"step_weights needs one weight per inner step ({config.steps}), got {len(step_weights)}")
+    path = adapt_tasks(params, task_loss, support_x, support_y, config, engine, lrs, step_params, trajectory=True)
+    loss: Tensor | None = None
+    for step, (weight, adapted) in enumerate(zip(step_weights, path), start=1):
+        if weight == 0 and step < config.steps:
+            continue
+        outputs = task_outputs(model, with_step_params(adapted, step_params, step), query_x, engine)
+        term = weight * _query_losses(task_loss_fn, outputs, query_y, engine).mean()
+        loss = term if loss is None else loss + term
+    assert loss is not None  # the last step is always evaluated
+    return loss, outputs.detach()
 
 
 def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tensor, Tensor], Tensor],
                   support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, config: InnerConfig,
-                  engine: str = "vmap", task_chunk: int | None = None,
-                  lrs: Params | None = None) -> tuple[Tensor, Tensor]:
+                  engine: str = "vmap", task_chunk: int | None = None, lrs: Lrs | None = None,
+                  step_params: Params | None = None,
+                  step_weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
     """``meta_loss(...).backward()`` in chunks of ``task_chunk`` tasks, to cap memory.
 
     The meta-loss is the mean of independent task losses, so its gradient is the sum over chunks of
     ``(chunk size / T) * grad(mean loss of the chunk)``: each chunk's graph is built, back-propagated into
     ``.grad`` (accumulating, like ``backward``) and freed before the next, so peak memory scales with the chunk,
-    not the meta-batch. ``task_chunk=None`` (or >= T) is one chunk. Returns the detached meta-loss and the
-    detached query outputs ``[T, m, ...]``.
+    not the meta-batch. ``task_chunk=None`` (or >= T) is one chunk. ``lrs``, ``step_params``, ``step_weights``: as
+    in :func:`meta_loss`. Returns the detached meta-loss and the detached query outputs ``[T, m, ...]``.
     """
     tasks = support_x.shape[0]
     chunk = tasks if task_chunk is None else task_chunk
@@ -275,7 +374,7 @@ def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tens
     for start in range(0, tasks, chunk):
         part = slice(start, min(start + chunk, tasks))
         loss, out = meta_loss(model, params, task_loss_fn, support_x[part], support_y[part], query_x[part],
-                              query_y[part], config, engine, lrs)
+                              query_y[part], config, engine, lrs, step_params, step_weights)
         weight = (part.stop - part.start) / tasks
         (loss * weight).backward()
         total = total + loss.detach() * weight

@@ -28,7 +28,7 @@ from metabench.records import read_record
 from metabench.runner import _prepare, run, world_size
 from tests.conftest import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
 
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile")
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")
 pytestmark = [  # the float64 step below calls training_step without a Trainer (no logger, a stand-in optimizer)
     pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
     pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before"),

@@ -11,11 +11,11 @@ from metabench.config import resolve
 from metabench.runner import run
 from tests.conftest import local_run
 
-STEPS = {"maml": 250, "fomaml": 250, "anil": 250, "metasgd": 250, "reptile": 400}
+STEPS = {"maml": 250, "fomaml": 250, "anil": 250, "metasgd": 250, "mamlpp": 250, "reptile": 400}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "reptile"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"])
 def test_meta_learning_beats_random_init(tmp_path: Path, algorithm: str) -> None:
     config = resolve("synthetic-5w1s", algorithm, overrides=[
         f"trainer.max_steps={STEPS[algorithm]}", f"trainer.val_every={STEPS[algorithm]}", "episodes.val_episodes=20",

@@ -19,7 +19,7 @@ MAML_ARXIV, REPTILE_ARXIV = "1703.03400", "1803.02999"
 ANIL_ARXIV, METASGD_ARXIV = "1909.09157", "1707.09835"
 META_LEARNERS = ("maml", "fomaml", "reptile")  # every benchmark defines these; "transfer" only 1-way segmentation
 # every classification benchmark defines these too (the segmentation presets do not, yet)
-CLASSIFICATION_ALGORITHMS = ["maml", "fomaml", "anil", "metasgd", "reptile"]
+CLASSIFICATION_ALGORITHMS = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"]
 
 
 def test_paper_benchmarks_are_listed() -> None:
@@ -279,7 +279,8 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_unknown_algorithm() -> None:
-    with pytest.raises(ConfigError, match=r"unknown algorithm 'protonet'; known: maml, fomaml, anil, metasgd, reptile"):
+    known = "maml, fomaml, anil, metasgd, mamlpp, reptile"
+    with pytest.raises(ConfigError, match=rf"unknown algorithm 'protonet'; known: {known}"):
         resolve("omniglot-5w1s", "protonet")
 
 

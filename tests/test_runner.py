@@ -171,6 +171,21 @@ def test_test_cli_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     assert len(list((tmp_path / "records").glob("*.json"))) == 2
 
 
+def test_test_accepts_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
+    """A run folder's config.json from before a field was added (e.g. MAML++'s switches) lacks the key: it counts
+    as the field's default, so `metabench test` still evaluates the run; a changed value is still refused."""
+    from metabench.config import ConfigError
+    from metabench.runner import check_test_overrides
+
+    config = tiny_config(tmp_path, "maml")
+    saved = config.to_dict()
+    for key in ("msl", "lslr", "per_step_bn", "first_order_epochs", "cosine_annealing", "meta_lr_min"):
+        del saved["algorithm"][key]
+    check_test_overrides(saved, config)
+    with pytest.raises(ConfigError, match="algorithm.msl_epochs"):
+        check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["algorithm.msl_epochs=3"]))
+
+
 def test_test_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
     from metabench.runner import test_run
 
