@@ -126,8 +126,12 @@ class Conv4(nn.Module):
         if head_init_std is not None:
             nn.init.normal_(self.head.weight, std=head_init_std)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the head classifies, ``[B, feature_size]`` (ProtoNet's embedding, Baseline's features)."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.embed(x))
 
     def batched_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once, each with its own parameters (the inner loop's "batched" engine).
@@ -229,11 +233,15 @@ class MLP(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's activations, ``[B, hidden[-1]]`` (what the head classifies)."""
         h = x.reshape(x.shape[0], -1)
         for layer in self.layers:
             h = torch.relu(layer["norm"](layer["linear"](h)))
-        return self.head(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
     def batched_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once: ``params`` name -> ``[T, *shape]``, ``x [T, n, ...]`` ->
@@ -264,12 +272,19 @@ def mlp_omniglot(in_channels: int, ways: int, image_size: int, **options: Any) -
     return MLP(in_channels, ways, image_size, **options)
 
 
-# name -> builder(in_channels, ways, image_size, **kwargs); room for "resnet12" later.
+def _resnet12(*args: Any, **kwargs: Any) -> nn.Module:
+    from metabench.models.resnet12 import resnet12  # imported on use: resnet12.py imports this module
+
+    return resnet12(*args, **kwargs)
+
+
+# name -> builder(in_channels, ways, image_size, **kwargs)
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "conv4": conv4,
     "conv4-omniglot": conv4_omniglot,
     "conv4-miniimagenet": conv4_miniimagenet,
     "mlp-omniglot": mlp_omniglot,
+    "resnet12": _resnet12,  # MetaOptNet's / TADAM's ResNet-12 (models/resnet12.py)
     # Few-shot segmentation (ways + 1 logits per pixel); imported on use: segmentation.py imports this module.
     "conv4-seg": lambda *args, **kwargs: __import__(
         "metabench.models.segmentation", fromlist=["conv_seg"]).conv_seg(*args, **kwargs),
