@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import ALGORITHMS, INNER_ENGINES
+from metabench.models.hparams import ALGORITHMS, INNER_ENGINES, INNER_LOOP
 
 Subparsers = Any  # argparse's private _SubParsersAction
-META_LEARNERS = tuple(a for a in ALGORITHMS if a != "transfer")  # what bench speed times (learn2learn has no transfer)
+META_LEARNERS = INNER_LOOP  # what bench speed times: its engines are the inner loop's (learn2learn has no others)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import run
 
-    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset, default_run=True)
     configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
     results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
     print_comparison([r.record for r in results], [r.record_path for r in results])
@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def add_run(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, Reptile on "
-                                   "synthetic glyphs)")
+                                   "synthetic glyphs; --algorithm protonet / baseline / baseline++ adds a baseline)")
     _run_args(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--logger", choices=("none", "csv", "wandb"))
@@ -207,7 +207,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import test_run
 
-    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset, default_run=True)
     results = []
     for name in algorithms:
         tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))

@@ -38,13 +38,15 @@ class DataConfig:
 
 @dataclass
 class EpisodeConfig:
-    """Episode shapes. ``train_shots``/``train_queries`` default to the evaluation ones."""
+    """Episode shapes. ``train_ways``/``train_shots``/``train_queries`` default to the evaluation ones
+    (``train_ways`` only for networks without a classifier head: protonet)."""
 
     ways: int = 5
     shots: int = 1
     queries: int = 15
     train_shots: int | None = None
     train_queries: int | None = None
+    train_ways: int | None = None
     val_episodes: int = 100
     test_episodes: int = 600
     eval_seed: int = 0
@@ -108,16 +110,21 @@ def load_preset_file(benchmark: str) -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
-def preset_algorithms(benchmark: str, preset: str | None = None) -> list[str]:
+def preset_algorithms(benchmark: str, preset: str | None = None, *, default_run: bool = False) -> list[str]:
     """The algorithms that ``preset`` (default: the benchmark's default preset) of ``benchmark`` defines, in
-    ``ALGORITHMS`` order: what a benchmark runs when no algorithm is named (e.g. transfer only on 1-way
-    segmentation benchmarks)."""
+    ``ALGORITHMS`` order (e.g. transfer only on 1-way segmentation benchmarks).
+
+    ``default_run=True``: what ``metabench run`` / ``metabench test`` run when no algorithm is named, i.e. only those
+    also in the file's optional ``default_run`` list (``synthetic-5w1s`` keeps its quick default run to the
+    meta-learners; its baselines run when named).
+    """
     spec = load_preset_file(benchmark)
     presets = spec.get("presets", {})
     preset = preset or spec.get("default_preset") or next(iter(presets), None)
     if preset not in presets:
         raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
-    return [name for name in ALGORITHMS if name in presets[preset]]
+    chosen = spec.get("default_run") if default_run else None
+    return [name for name in ALGORITHMS if name in presets[preset] and (chosen is None or name in chosen)]
 
 
 def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_file: str | Path | None = None,
