@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import run
 
-    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset, default_run=True)
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
     results = [run(config, resume=args.resume, progress=not args.quiet) for config in configs]
     print_comparison([r.record for r in results], [r.record_path for r in results])
@@ -192,8 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: Subparsers) -> None:
-    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, Reptile on "
-                                   "synthetic glyphs; --algorithm protonet / baseline / baseline++ adds a baseline)")
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNet, "
+                                   "Baseline, Baseline++ on synthetic glyphs)")
     _run_args(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--logger", choices=("none", "csv", "wandb"))
@@ -207,7 +207,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import test_run
 
-    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset, default_run=True)
+    algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     results = []
     for name in algorithms:
         tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))

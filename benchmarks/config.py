@@ -110,21 +110,16 @@ def load_preset_file(benchmark: str) -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
-def preset_algorithms(benchmark: str, preset: str | None = None, *, default_run: bool = False) -> list[str]:
+def preset_algorithms(benchmark: str, preset: str | None = None) -> list[str]:
     """The algorithms that ``preset`` (default: the benchmark's default preset) of ``benchmark`` defines, in
-    ``ALGORITHMS`` order (e.g. transfer only on 1-way segmentation benchmarks).
-
-    ``default_run=True``: what ``metabench run`` / ``metabench test`` run when no algorithm is named, i.e. only those
-    also in the file's optional ``default_run`` list (``synthetic-5w1s`` keeps its quick default run to the
-    meta-learners; its baselines run when named).
-    """
+    ``ALGORITHMS`` order: what a benchmark runs when no algorithm is named (e.g. transfer only on 1-way
+    segmentation benchmarks)."""
     spec = load_preset_file(benchmark)
     presets = spec.get("presets", {})
     preset = preset or spec.get("default_preset") or next(iter(presets), None)
     if preset not in presets:
         raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
-    chosen = spec.get("default_run") if default_run else None
-    return [name for name in ALGORITHMS if name in presets[preset] and (chosen is None or name in chosen)]
+    return [name for name in ALGORITHMS if name in presets[preset]]
 
 
 def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_file: str | Path | None = None,

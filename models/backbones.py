@@ -29,6 +29,10 @@ class BatchNorm2d(nn.Module):
     """
 
     reduce_dims: tuple[int, ...] = (0, 2, 3)
+    # The native, fused F.batch_norm instead (same statistics; ~1.5x faster for a ProtoNet step on CPU). Exact with
+    # ordinary autograd, not to second order under torch.func transforms: only networks trained without the
+    # functional inner loop turn it on (ProtoNet and the baselines, models/baselines.py ``use_native_norm``).
+    native: bool = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, scale: bool = True) -> None:
         super().__init__()
@@ -41,6 +45,9 @@ class BatchNorm2d(nn.Module):
         return (1, -1) + (1,) * (x.dim() - 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            weight = torch.ones_like(self.bias) if self.weight is None else self.weight
+            return F.batch_norm(x, None, None, weight, self.bias, training=True, momentum=0.0, eps=self.eps)
         mean = x.mean(dim=self.reduce_dims, keepdim=True)
         var = (x - mean).square().mean(dim=self.reduce_dims, keepdim=True)  # biased, as F.batch_norm normalises
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)

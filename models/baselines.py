@@ -38,6 +38,7 @@ from torch.func import vmap
 
 from metabench.datasets.episodes import MetaBatch
 from metabench.models.algorithms import FineTuning, MetaLearner, Problem, adam_with_step_decay
+from metabench.models.backbones import is_norm
 from metabench.models.hparams import AlgorithmConfig, FinetuneConfig
 from metabench.models.inner_loop import Params
 from metabench.models.problems import Classification
@@ -198,6 +199,14 @@ def _sgd_step(param: Tensor, grad: Tensor, state: dict[str, Tensor], name: str, 
     param.add_(grad, alpha=-recipe.lr)
 
 
+def use_native_norm(backbone: nn.Module) -> None:
+    """Switch the network's batch norm to the native fused kernel (``BatchNorm2d.native``): these learners never
+    differentiate through a functional inner loop, and it makes their steps ~1.5x faster on CPU."""
+    for module in backbone.modules():
+        if is_norm(module):
+            module.native = True
+
+
 def _check_classification(name: str, backbone: nn.Module, problem: Problem) -> None:
     if not isinstance(problem, Classification):
         raise ValueError(f"{name} is defined for classification only, not for {type(problem).__name__.lower()}")
@@ -221,6 +230,7 @@ class ProtoNet(MetaLearner):
 
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
         _check_classification("protonet", backbone, problem)
+        use_native_norm(backbone)
         super().__init__(backbone, problem, config, max_steps)
         self._val_losses: list[Tensor] = []
         self.best_val_loss = math.inf
@@ -323,6 +333,7 @@ class Baseline(FineTuning):
         else:
             nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5))
             nn.init.zeros_(head.bias)
+        use_native_norm(backbone)
         super().__init__(backbone, problem, config, max_steps)
         self._generator: torch.Generator | None = None
 

@@ -21,7 +21,7 @@ from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
 from metabench.datasets.supervised import LabelledBatch, SupervisedDataModule, augment_images, epoch_order
 from metabench.datasets.synthetic import make_glyphs
 from metabench.models.algorithms import FineTuning, Transfer, build_algorithm
-from metabench.models.backbones import build_backbone
+from metabench.models.backbones import build_backbone, is_norm
 from metabench.models.baselines import (
     Baseline,
     CosineClassifier,
@@ -34,6 +34,7 @@ from metabench.models.baselines import (
     init_heads,
     prototype_logits,
     support_order,
+    use_native_norm,
 )
 from metabench.models.hparams import AlgorithmConfig, FinetuneConfig
 from metabench.models.problems import Classification, Segmentation
@@ -183,6 +184,29 @@ def test_frozen_network_is_bit_identical_after_test_time_fine_tuning(name: str, 
     after = module.backbone.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in module.backbone.parameters())
+
+
+@pytest.mark.parametrize(("name", "options"), [("conv4", {"hidden": 4, "pool": True}), ("resnet12", {"hidden": 2}),
+                                              ("mlp-omniglot", {"hidden": [8, 6]})])
+def test_native_batch_norm_equals_the_plain_ops_one(name: str, options: dict) -> None:
+    """ProtoNet and the baselines switch batch norm to the fused kernel: same features and gradients (float64), in
+    both batch-norm modes (non-transductive runs under vmap)."""
+    torch.manual_seed(0)
+    plain = build_backbone(name, 1, 5, 28, **options).double()
+    native = build_backbone(name, 1, 5, 28, **options).double()
+    native.load_state_dict(plain.state_dict())
+    use_native_norm(native)
+    assert all(m.native for m in native.modules() if is_norm(m)) and not any(m.native for m in plain.modules()
+                                                                              if is_norm(m))
+    gen = torch.Generator().manual_seed(1)
+    sx, qx = torch.rand(2, 5, 1, 28, 28, generator=gen, dtype=DT), torch.rand(2, 6, 1, 28, 28, generator=gen, dtype=DT)
+    for mode in ("transductive", "non-transductive"):
+        for a, b in zip(episode_features(plain.embed, sx, qx, mode), episode_features(native.embed, sx, qx, mode)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    grads = [torch.autograd.grad(net.embed(sx[0]).square().sum(), list(net.parameters()), allow_unused=True,
+                                 materialize_grads=True) for net in (plain, native)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_baseline_heads_and_evaluation_are_reproducible() -> None:

@@ -59,12 +59,6 @@ def test_classification_presets_define_the_maml_family_and_the_baselines(benchma
     assert preset_algorithms(benchmark) == [*CLASSIFICATION_ALGORITHMS, "protonet", *baselines]
 
 
-def test_synthetic_default_run_is_the_quick_meta_learner_job() -> None:
-    """`metabench run` without --algorithm runs the meta-learners only; the baselines run when named."""
-    assert preset_algorithms("synthetic-5w1s", default_run=True) == CLASSIFICATION_ALGORITHMS
-    assert preset_algorithms("omniglot-5w1s", default_run=True) == preset_algorithms("omniglot-5w1s")
-
-
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
 def test_protonet_preset_is_the_papers_protocol(benchmark: str) -> None:
     """Snell et al. 2017 Sec. 3.1 / 3.2 and the authors' code: Conv4 with max-pooling and 64 filters, Adam 1e-3 halved
