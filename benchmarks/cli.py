@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import ALGORITHMS, INNER_ENGINES
+from metabench.models.hparams import ALGORITHMS, INNER_ENGINES, INNER_LOOP
 
 Subparsers = Any  # argparse's private _SubParsersAction
-META_LEARNERS = tuple(a for a in ALGORITHMS if a != "transfer")  # what bench speed times (learn2learn has no transfer)
+META_LEARNERS = INNER_LOOP  # what bench speed times: its engines are the inner loop's (learn2learn has no others)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -224,8 +224,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_run(sub: Subparsers) -> None:
-    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile "
-                                   "on synthetic glyphs)")
+    p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile, "
+                                   "ProtoNet, Baseline, Baseline++ on synthetic glyphs)")
     _run_args(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--devices", type=int, help="processes per node, each with its share of every meta-batch "

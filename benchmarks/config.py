@@ -40,13 +40,15 @@ class DataConfig:
 
 @dataclass
 class EpisodeConfig:
-    """Episode shapes. ``train_shots``/``train_queries`` default to the evaluation ones."""
+    """Episode shapes. ``train_ways``/``train_shots``/``train_queries`` default to the evaluation ones
+    (``train_ways`` only for networks without a classifier head: protonet)."""
 
     ways: int = 5
     shots: int = 1
     queries: int = 15
     train_shots: int | None = None
     train_queries: int | None = None
+    train_ways: int | None = None
     val_episodes: int = 100
     test_episodes: int = 600
     eval_seed: int = 0

@@ -39,9 +39,11 @@ from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
+from metabench.datasets.supervised import SupervisedDataModule
 from metabench.distributed import check_world
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
+from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
 from metabench.models.problems import Classification, Segmentation
 from metabench.records import Record, git_commit, versions, write_record
 from metabench.stats import mean_ci95
@@ -125,6 +127,10 @@ def world_size(config: RunConfig) -> int:
     size = t.devices * t.num_nodes
     if size > 1 and t.strategy != "ddp":
         raise ConfigError(f"{t.devices} devices x {t.num_nodes} nodes need --strategy ddp (trainer.strategy)")
+    if size > 1 and config.algorithm.name not in DDP_ALGORITHMS:
+        raise ConfigError(f"{config.algorithm.name} runs in one process: several processes split a meta-batch by "
+                          f"tasks, exact for {', '.join(DDP_ALGORITHMS)} only (batch statistics over a whole "
+                          "batch, or early stopping on a validation loss, would differ per process)")
     try:
         check_world(config.algorithm.meta_batch, size)
     except ValueError as error:
@@ -148,20 +154,25 @@ def build_datamodule(config: RunConfig, device: torch.device | None = None,
                                            cache_dir=config.data.cache_dir, **config.data.options)
     ep = config.episodes
     spec = EpisodeSpec(ep.ways, ep.shots, ep.queries)
-    train_spec = EpisodeSpec(ep.ways, ep.train_shots or ep.shots, ep.train_queries or ep.queries)
-    return EpisodicDataModule(load, spec, config.algorithm.meta_batch, train_spec=train_spec,
-                              seed=config.trainer.seed, eval_seed=ep.eval_seed, val_episodes=ep.val_episodes,
-                              test_episodes=ep.test_episodes, eval_batch=ep.eval_batch,
-                              resident_device=device if config.data.resident or load_split else None)
+    train_spec = EpisodeSpec(ep.train_ways or ep.ways, ep.train_shots or ep.shots, ep.train_queries or ep.queries)
+    kwargs: dict[str, Any] = dict(
+        train_spec=train_spec, seed=config.trainer.seed, eval_seed=ep.eval_seed, val_episodes=ep.val_episodes,
+        test_episodes=ep.test_episodes, eval_batch=ep.eval_batch,
+        resident_device=device if config.data.resident or load_split else None)
+    if config.algorithm.name in SUPERVISED_PRETRAINING:  # ordinary mini-batches of the training split
+        pretrain = config.algorithm.pretrain
+        return SupervisedDataModule(load, spec, config.algorithm.meta_batch, batch_size=pretrain.batch_size,
+                                    augment=pretrain.augment, **kwargs)
+    return EpisodicDataModule(load, spec, config.algorithm.meta_batch, **kwargs)
 
 
 def build_module(config: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner:
     """Backbone + problem + algorithm for ``config`` (image shape read from the training split)."""
     channels, height, _ = datamodule.train_sampler.split.image_shape
     task = task_of(config)
+    ways = _network_ways(config, datamodule)
     # Classification backbones output ``ways`` logits; segmentation networks ``ways + 1`` per pixel (background).
-    backbone = build_backbone(config.model.backbone, channels, config.episodes.ways, height,
-                              **config.model.options)
+    backbone = build_backbone(config.model.backbone, channels, ways, height, **config.model.options)
     network_task = getattr(backbone, "task", CLASSIFICATION)
     if network_task != task:
         raise ConfigError(f"model.backbone {config.model.backbone!r} is a {network_task} network but "
@@ -172,6 +183,23 @@ def build_module(config: RunConfig, datamodule: EpisodicDataModule) -> MetaLearn
         return build_algorithm(backbone, problem, config.algorithm, config.trainer.max_steps)
     except ValueError as error:  # e.g. an algorithm.adapt prefix that names no parameter, transfer on N-way
         raise ConfigError(f"{config.benchmark}/{config.algorithm.name}: {error}") from error
+
+
+def _network_ways(config: RunConfig, datamodule: EpisodicDataModule) -> int:
+    """The network's outputs: the episodes' ways, or (baseline, baseline++) the training classes, which its
+    pre-training head classifies. Training episodes of other ways only for networks without a head (protonet)."""
+    ep, algorithm = config.episodes, config.algorithm
+    if ep.train_ways not in (None, ep.ways) and algorithm.name not in WAY_FREE:
+        raise ConfigError(f"episodes.train_ways={ep.train_ways} differs from episodes.ways={ep.ways}: only "
+                          f"{', '.join(WAY_FREE)} can train on episodes of other ways (the others' head has one "
+                          f"output per way)")
+    if algorithm.name not in SUPERVISED_PRETRAINING:
+        return ep.ways
+    classes = datamodule.train_sampler.split.num_classes
+    if algorithm.pretrain.classes is not None and algorithm.pretrain.classes < classes:
+        raise ConfigError(f"algorithm.pretrain.classes={algorithm.pretrain.classes} is fewer than the "
+                          f"{classes} classes of the training split")
+    return algorithm.pretrain.classes or classes
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -284,7 +312,8 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
     if logger is not None:
         logger.log_hyperparams(config.to_dict())
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
-    if module.global_step < config.trainer.max_steps and not config.trainer.max_time_minutes:
+    stopped_early = getattr(module, "stopped_early", False)  # protonet's patience on the validation loss
+    if module.global_step < config.trainer.max_steps and not config.trainer.max_time_minutes and not stopped_early:
         raise RuntimeError(f"training stopped at step {module.global_step} of {config.trainer.max_steps}")
     # The periodic checkpoint may predate the last step (max_steps not a multiple of checkpoint_every):
     # last.ckpt must hold the final weights, which ``metabench test`` evaluates.
@@ -390,7 +419,8 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool
     device, datamodule, module, initial = _prepare(config)
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     step = int(checkpoint.get("global_step", 0))
-    if step < config.trainer.max_steps and not config.trainer.max_time_minutes:
+    stopped_early = (checkpoint.get("metabench_early_stop") or {}).get("stopped", False)
+    if step < config.trainer.max_steps and not config.trainer.max_time_minutes and not stopped_early:
         raise ValueError(f"{last} is at step {step} of {config.trainer.max_steps}: training has not finished "
                          f"(finish it with metabench run ... --resume); a partial run is not tested")
     module.load_state_dict(checkpoint["state_dict"])

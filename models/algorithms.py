@@ -19,7 +19,8 @@
   batched version.
 - Transfer (the fine-tuning baseline, e.g. Hendryx et al. 2019 for segmentation): plain supervised training
   of the initial parameters on every image of the meta-batch (Adam, ``meta_lr``); evaluated exactly like the
-  meta-learners. Only meaningful for class-agnostic labels (1-way segmentation).
+  meta-learners. Only meaningful for class-agnostic labels (1-way segmentation). Its training loop,
+  :class:`FineTuning`, is also that of Baseline / Baseline++ (``models/baselines.py``, with ProtoNet).
 - ``config.adapt`` (parameter-name prefixes) restricts the inner loop to those parameters; the others are
   read from the module inside ``functional_call`` (frozen in the inner loop, still trained by the outer step).
 - Evaluation adapts on each fixed episode's support set with the evaluation steps (always first order:
@@ -492,15 +493,55 @@ class Reptile(MetaLearner):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class Transfer(MetaLearner):
-    """The fine-tuning baseline: pre-train the initialization by plain supervised learning on the training
-    classes, then fine-tune on each test episode's support set with the same evaluation steps as the
+class FineTuning(MetaLearner):
+    """The fine-tuning baselines' one training loop: plain supervised pre-training, then fine-tuning at test time.
+
+    A training step is one optimizer step on the problem's loss of the network's outputs for a labelled batch,
+    ``supervised_batch(batch) -> (x, y, groups)``: nothing is learned across episodes. Adam with ``meta_lr``,
+    multiplied by ``lr_decay_factor`` every ``lr_decay_every`` steps when that is set. The subclasses differ in
+    where the labelled batch comes from and in what is fine-tuned on each test episode's support set:
+    :class:`Transfer` (every image of the training episodes; the network, through the inner loop) and
+    ``baseline`` / ``baseline++`` (``models/baselines.py``: ordinary mini-batches of the training split with its
+    class labels; a new head on the frozen features).
+    """
+
+    def supervised_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Inputs ``[B, ...]``, targets ``[B, ...]`` and how to group the B rows for the logged train score
+        (``[*groups] == [B]``: e.g. ``(tasks, images per task)``)."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, groups = self.supervised_batch(batch)
+        outputs = self.backbone(x)
+        loss = self.problem.loss(outputs, y)
+        self._check_finite(loss)
+        self._log_train(loss, outputs.detach().unflatten(0, groups), y.unflatten(0, groups))
+        return loss
+
+    def configure_optimizers(self):
+        return adam_with_step_decay(self.parameters(), self.config)
+
+
+def adam_with_step_decay(parameters, config: AlgorithmConfig):
+    """Adam with ``config.meta_lr``; with ``config.lr_decay_every`` also a per-step StepLR (factor
+    ``lr_decay_factor``), in Lightning's optimizer-and-scheduler form."""
+    optimizer = torch.optim.Adam(parameters, lr=config.meta_lr)
+    if config.lr_decay_every is None:
+        return optimizer
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, gamma=config.lr_decay_factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Transfer(FineTuning):
+    """The fine-tuning baseline of segmentation: pre-train the initialization by plain supervised learning on the
+    training classes, then fine-tune on each test episode's support set with the same evaluation steps as the
     meta-learners (``MetaLearner.evaluate_outputs``).
 
     A training step is one Adam step (``meta_lr``) on the problem's loss over every support and query image of
     the meta-batch (all tasks in one batch). Episode labels must mean the same thing in every episode, i.e.
     be class-agnostic: 1-way segmentation (0 background, 1 foreground). With N-way labels, label ``l`` would
-    be a different class in every episode and pre-training would learn nothing.
+    be a different class in every episode and pre-training would learn nothing (``baseline`` pre-trains on the
+    training split's own class labels instead).
     """
 
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
@@ -512,18 +553,11 @@ class Transfer(MetaLearner):
                              f"{backbone.ways} ways")
         super().__init__(backbone, problem, config, max_steps)
 
-    def training_step(self, batch: MetaBatch, batch_idx: int) -> torch.Tensor:
+    def supervised_batch(self, batch: MetaBatch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         sx, sy, qx, qy = self._inputs(batch)
         x = torch.cat([sx, qx], dim=1)  # [T, n + m, C, H, W]
         y = torch.cat([sy, qy], dim=1)
-        outputs = self.backbone(x.flatten(0, 1))
-        loss = self.problem.loss(outputs, y.flatten(0, 1))
-        self._pending = (loss.detach(), x.shape[0])  # synced and checked in on_after_backward
-        self._log_train(loss, outputs.detach().unflatten(0, x.shape[:2]), y)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)
+        return x.flatten(0, 1), y.flatten(0, 1), tuple(x.shape[:2])
 
 
 def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None,
@@ -561,5 +595,9 @@ MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "anil": M
 
 def build_algorithm(backbone: nn.Module, problem: Problem, config: AlgorithmConfig,
                     max_steps: int) -> MetaLearner:
-    """The Lightning module for ``config.name`` (a plain registry lookup)."""
-    return MODULES[config.name](backbone, problem, config, max_steps)
+    """The Lightning module for ``config.name``: a plain registry lookup in :data:`MODULES` and in
+    ``models/baselines.py``'s ``BASELINES`` (protonet, baseline, baseline++), imported here because it imports this
+    module (its classes subclass :class:`MetaLearner`)."""
+    from metabench.models.baselines import BASELINES
+
+    return {**MODULES, **BASELINES}[config.name](backbone, problem, config, max_steps)

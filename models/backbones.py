@@ -33,6 +33,10 @@ class BatchNorm2d(nn.Module):
     """
 
     reduce_dims: tuple[int, ...] = (0, 2, 3)
+    # The native, fused F.batch_norm instead (same statistics; ~1.5x faster for a ProtoNet step on CPU). Exact with
+    # ordinary autograd, not to second order under torch.func transforms: only networks trained without the
+    # functional inner loop turn it on (ProtoNet and the baselines, models/baselines.py ``use_native_norm``).
+    native: bool = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, scale: bool = True) -> None:
         super().__init__()
@@ -48,6 +52,9 @@ class BatchNorm2d(nn.Module):
         if self.bias.dim() != 1:
             raise RuntimeError(f"{type(self).__name__} holds per-step parameters {tuple(self.bias.shape)}: run it "
                                "through the inner loop, which passes one step's row (see make_norm_per_step)")
+        if self.native:
+            weight = torch.ones_like(self.bias) if self.weight is None else self.weight
+            return F.batch_norm(x, None, None, weight, self.bias, training=True, momentum=0.0, eps=self.eps)
         mean = x.mean(dim=self.reduce_dims, keepdim=True)
         var = (x - mean).square().mean(dim=self.reduce_dims, keepdim=True)  # biased, as F.batch_norm normalises
         x_hat = (x - mean) * torch.rsqrt(var + self.eps)
@@ -167,8 +174,12 @@ class Conv4(nn.Module):
         if head_init_std is not None:
             nn.init.normal_(self.head.weight, std=head_init_std)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the head classifies, ``[B, feature_size]`` (ProtoNet's embedding, Baseline's features)."""
+        return self.features(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self.embed(x))
 
     def batched_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once, each with its own parameters (the inner loop's "batched" engine).
@@ -271,11 +282,15 @@ class MLP(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer's activations, ``[B, hidden[-1]]`` (what the head classifies)."""
         h = x.reshape(x.shape[0], -1)
         for layer in self.layers:
             h = torch.relu(layer["norm"](layer["linear"](h)))
-        return self.head(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
 
     def batched_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward`` for ``T`` tasks at once: ``params`` name -> ``[T, *shape]``, ``x [T, n, ...]`` ->
@@ -306,12 +321,19 @@ def mlp_omniglot(in_channels: int, ways: int, image_size: int, **options: Any) -
     return MLP(in_channels, ways, image_size, **options)
 
 
-# name -> builder(in_channels, ways, image_size, **kwargs); room for "resnet12" later.
+def _resnet12(*args: Any, **kwargs: Any) -> nn.Module:
+    from metabench.models.resnet12 import resnet12  # imported on use: resnet12.py imports this module
+
+    return resnet12(*args, **kwargs)
+
+
+# name -> builder(in_channels, ways, image_size, **kwargs)
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "conv4": conv4,
     "conv4-omniglot": conv4_omniglot,
     "conv4-miniimagenet": conv4_miniimagenet,
     "mlp-omniglot": mlp_omniglot,
+    "resnet12": _resnet12,  # MetaOptNet's / TADAM's ResNet-12 (models/resnet12.py)
     # Few-shot segmentation (ways + 1 logits per pixel); imported on use: segmentation.py imports this module.
     "conv4-seg": lambda *args, **kwargs: __import__(
         "metabench.models.segmentation", fromlist=["conv_seg"]).conv_seg(*args, **kwargs),

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # "anil" is MAML adapting only the network's head in the inner loop (Raghu et al. 2020); "metasgd" is MAML with a
 # learned inner step size per parameter entry (Li et al. 2017); "mamlpp" is MAML++ (Antoniou et al. 2019): MAML with
 # five switchable changes (see MAMLPP_SWITCHES). "transfer" is the fine-tuning baseline (supervised
 # pre-training, then the same test-time adaptation); it is defined for class-agnostic labels only (1-way
-# segmentation). The one home of these lists: the inner loop, the CLI and the benchmarks import them from here.
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer")
+# segmentation). "protonet" (Snell et al. 2017) classifies by distances to class prototypes; "baseline" and
+# "baseline++" (Chen et al. 2019) pre-train a classifier of the training classes, then fit a new (linear /
+# cosine) head on each test episode's support features (models/baselines.py). The one home of these lists: the
+# inner loop, the CLI and the benchmarks import them from here.
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer", "protonet", "baseline",
+              "baseline++")
 SECOND_ORDER = ("maml", "anil", "metasgd", "mamlpp")  # differentiate through the inner steps in training
+INNER_LOOP = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")  # meta-train through the inner loop
+# Several processes (DDP) split a meta-batch by tasks, exact when nothing couples the tasks: the inner-loop
+# learners normalise each task with its own statistics. transfer / baseline / baseline++ normalise a whole batch
+# at once (splitting it would change the statistics) and protonet stops on its validation loss: one process.
+DDP_ALGORITHMS = INNER_LOOP
+# Pre-trained on ordinary mini-batches of the training split, labelled with its class indices, not on episodes
+# (datasets/supervised.py): their network's head classifies every training class.
+SUPERVISED_PRETRAINING = ("baseline", "baseline++")
+WAY_FREE = ("protonet",)  # no classifier head: training episodes may have more ways than test ones
+STEP_DECAY = ("protonet", *SUPERVISED_PRETRAINING)  # with transfer: algorithm.lr_decay_every applies
 ANIL_HEAD = "head"  # the parameter-name prefix of every backbone's classifier (Conv4, MLP, ConvSeg)
 BN_MODES = ("transductive", "non-transductive")
 INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
@@ -19,6 +33,53 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 # MAML++'s five changes, each an AlgorithmConfig switch (off = MAML's behaviour): multi-step loss, learned per-layer
 # per-step inner rates, per-step batch norm, derivative-order annealing (epochs of first order), cosine annealing.
 MAMLPP_SWITCHES = ("msl", "lslr", "per_step_bn", "first_order_epochs", "cosine_annealing")
+
+
+@dataclass
+class PretrainConfig:
+    """baseline / baseline++: the supervised pre-training batches (Chen et al. 2019, Sec. 4.1)."""
+
+    batch_size: int = 16  # images per mini-batch, drawn without replacement from the shuffled training split
+    # Outputs of the pre-training classifier; None = the number of training classes. The authors' code sizes it
+    # by a flag that only has to exceed the largest label (200 for mini-ImageNet's 64 classes).
+    classes: int | None = None
+    # Random resized crop, colour jitter (brightness, contrast, saturation 0.4) and horizontal flip, in the
+    # authors' order (datasets/supervised.py); False: the images as stored.
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"algorithm.pretrain.batch_size must be positive, got {self.batch_size}")
+        if self.classes is not None and self.classes <= 0:
+            raise ValueError(f"algorithm.pretrain.classes must be positive or null, got {self.classes}")
+
+
+@dataclass
+class FinetuneConfig:
+    """baseline / baseline++: how a new head is fitted to each test episode's frozen support features.
+
+    Defaults: the authors' recipe (github.com/wyharveychen/CloserLookFewShot methods/baselinefinetune.py): SGD with
+    momentum 0.9, dampening 0.9, weight decay 0.001, lr 0.01; 100 passes over the shuffled support set in
+    mini-batches of 4 (the last one smaller when 4 does not divide it).
+    """
+
+    epochs: int = 100
+    batch_size: int = 4
+    lr: float = 0.01
+    momentum: float = 0.9
+    dampening: float = 0.9
+    weight_decay: float = 0.001
+    seed: int = 0  # the heads' initialization and the support order; reset at every evaluation
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"algorithm.finetune.{key} must be positive, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"algorithm.finetune.lr must be positive, got {self.lr}")
+        for key in ("momentum", "dampening", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"algorithm.finetune.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -73,6 +134,18 @@ class AlgorithmConfig:
     # CA: meta learning rate cosine-annealed per epoch from meta_lr to meta_lr_min over the run's epochs.
     cosine_annealing: bool = False
     meta_lr_min: float = 0.0
+    # protonet, baseline, baseline++ (models/baselines.py). Step decay of the training optimizer's learning rate:
+    # multiplied by lr_decay_factor every lr_decay_every training steps (None: constant).
+    lr_decay_every: int | None = None
+    lr_decay_factor: float = 0.5
+    # protonet: stop once the mean validation loss has not improved for this many validations in a row and keep
+    # the weights of the best one (None: train for trainer.max_steps and keep the last weights).
+    patience: int | None = None
+    # baseline++: the fixed factor on the cosine head's logits; None = the authors' rule, per head: 2 for at most
+    # 200 classes, else 10 (CloserLookFewShot backbone.py distLinear).
+    cosine_scale: float | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -102,9 +175,15 @@ class AlgorithmConfig:
                              "adapted parameters only, so batch norm would never leave its initialization")
         if self.dice_weight < 0:
             raise ValueError(f"algorithm.dice_weight must be >= 0, got {self.dice_weight}")
-        for key in ("inner_lr", "meta_lr", "inner_loss_scale"):
+        for key in ("inner_lr", "meta_lr", "inner_loss_scale", "lr_decay_factor"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr_decay_every", "patience", "cosine_scale"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"algorithm.{key} must be positive or null, got {getattr(self, key)}")
+        for key, users in (("lr_decay_every", ("transfer", *STEP_DECAY)), ("patience", ("protonet",))):
+            if getattr(self, key) is not None and self.name not in users:  # refused rather than silently ignored
+                raise ValueError(f"algorithm.{key} is supported by {', '.join(users)} only, not by {self.name}")
         self._check_metasgd()
         self._check_mamlpp()
 

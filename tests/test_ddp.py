@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_world_larger_than_the_meta_batch_is_refused() -> None:
         world_size(tiny_config(Path("/unused"), "maml", extra=["trainer.devices=2"]))
     with pytest.raises(ConfigError, match="trainer.strategy must be one of auto, ddp"):
         world_size(tiny_config(Path("/unused"), "maml", extra=["trainer.strategy=fsdp"]))
+    for name in ("protonet", "baseline", "baseline++"):  # whole-batch statistics / early stopping: one process
+        with pytest.raises(ConfigError, match=f"{re.escape(name)} runs in one process"):
+            world_size(tiny_config(Path("/unused"), name, extra=["trainer.devices=2", "trainer.strategy=ddp"]))
 
 
 def test_round_robin_and_gather_order() -> None:

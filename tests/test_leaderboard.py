@@ -205,6 +205,14 @@ def test_paper_numbers_as_published() -> None:
         ("omniglot-20w1s", "anil", "transductive"): (96.2, 0.5, "1909.09157", "Table 2"),
         ("mini-imagenet-5w1s", "meta-sgd", "transductive"): (50.47, 1.87, "1707.09835", "Table 1"),
         ("omniglot-20w1s", "meta-sgd", "transductive"): (95.93, 0.38, "1707.09835", "Table 1"),
+        ("omniglot-5w1s", "protonet", "non-transductive"): (98.8, None, "1703.05175", "Table 1"),
+        ("omniglot-20w5s", "protonet", "non-transductive"): (98.9, None, "1703.05175", "Table 1"),
+        ("mini-imagenet-5w1s", "protonet", "non-transductive"): (49.42, 0.78, "1703.05175", "Table 2"),
+        ("mini-imagenet-5w5s", "protonet", "non-transductive"): (68.20, 0.66, "1703.05175", "Table 2"),
+        ("mini-imagenet-5w1s", "baseline", "non-transductive"): (42.11, 0.71, "1904.04232", "Table A5"),
+        ("mini-imagenet-5w5s", "baseline", "non-transductive"): (62.53, 0.69, "1904.04232", "Table A5"),
+        ("mini-imagenet-5w1s", "baseline++", "non-transductive"): (48.24, 0.75, "1904.04232", "Table A5"),
+        ("mini-imagenet-5w5s", "baseline++", "non-transductive"): (66.43, 0.63, "1904.04232", "Table A5"),
     }
     for key, (mean, ci, arxiv, table) in expected.items():
         p = papers[key]
@@ -278,7 +286,9 @@ def test_table_logic_on_fixture() -> None:
                                                                    ("maml", "mlp")]
     assert omni.paper_rows[0].label == "meta-sgd (paper; split unknown, queries unknown)"
     non_t = tables[("omniglot-5w1s", f"non-transductive, {one}")]
-    assert non_t.rows[0].paper.mean == 95.39 and non_t.rows[0].verdict == REPRODUCED and non_t.paper_rows == []
+    assert non_t.rows[0].paper.mean == 95.39 and non_t.rows[0].verdict == REPRODUCED
+    # ProtoNet's Omniglot number (non-transductive, 15 queries per class) matches no row: listed as paper only
+    assert [(r.algorithm, r.paper.mean) for r in non_t.paper_rows] == [("protonet", 98.8)]
     seg = tables[("fss-1w5s", f"transductive, {one}")]
     assert seg.metric == "fg_iou" and seg.extra_metrics == ["fb_iou", "miou"]
     assert seg.rows[1].test.method == "bootstrap" and not seg.rows[1].tied

@@ -20,6 +20,7 @@ ANIL_ARXIV, METASGD_ARXIV = "1909.09157", "1707.09835"
 META_LEARNERS = ("maml", "fomaml", "reptile")  # every benchmark defines these; "transfer" only 1-way segmentation
 # every classification benchmark defines these too (the segmentation presets do not, yet)
 CLASSIFICATION_ALGORITHMS = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"]
+PROTONET_ARXIV, CHEN_ARXIV = "1703.05175", "1904.04232"
 
 
 def test_paper_benchmarks_are_listed() -> None:
@@ -51,8 +52,47 @@ def test_paper_preset_is_default_and_cites_the_papers(benchmark: str) -> None:
 
 
 @pytest.mark.parametrize("benchmark", (*PAPER_BENCHMARKS, "synthetic-5w1s"))
-def test_classification_presets_define_the_maml_family(benchmark: str) -> None:
-    assert preset_algorithms(benchmark) == CLASSIFICATION_ALGORITHMS
+def test_classification_presets_define_the_maml_family_and_the_baselines(benchmark: str) -> None:
+    """The MAML family and ProtoNet everywhere; Baseline / Baseline++ where their paper has numbers (mini-ImageNet)
+    and on the synthetic benchmark."""
+    baselines = ["baseline", "baseline++"] if benchmark.startswith(("mini-imagenet", "synthetic")) else []
+    assert preset_algorithms(benchmark) == [*CLASSIFICATION_ALGORITHMS, "protonet", *baselines]
+
+
+@pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
+def test_protonet_preset_is_the_papers_protocol(benchmark: str) -> None:
+    """Snell et al. 2017 Sec. 3.1 / 3.2 and the authors' code: Conv4 with max-pooling and 64 filters, Adam 1e-3 halved
+    every 2000 episodes, one episode per step, higher-way training episodes with the test shot, the code's stopping
+    rule; tested non-transductively (running statistics in the code)."""
+    config = resolve(benchmark, "protonet")
+    a, e = config.algorithm, config.episodes
+    assert PROTONET_ARXIV in a.source and "Sec. 3" in a.source
+    assert (a.meta_batch, a.meta_lr, a.lr_decay_every, a.lr_decay_factor, a.patience) == (1, 1e-3, 2000, 0.5, 200)
+    assert a.bn_mode == "non-transductive"
+    assert config.model.backbone == "conv4" and config.model.options == {"hidden": 64, "pool": True}
+    omniglot = benchmark.startswith("omniglot")
+    expected_ways = 60 if omniglot else (30 if e.shots == 1 else 20)
+    assert (e.train_ways, e.train_shots, e.train_queries) == (expected_ways, None, 5 if omniglot else 15)
+    assert (config.trainer.max_steps, config.trainer.val_every, e.val_episodes) == (1_000_000, 100, 100)
+    if omniglot:
+        assert config.data.options == {"scheme": "vinyals"} and config.model.invert is True
+        assert e.shots + e.train_queries <= DRAWINGS
+
+
+@pytest.mark.parametrize("benchmark", ["mini-imagenet-5w1s", "mini-imagenet-5w5s"])
+@pytest.mark.parametrize("algorithm", ["baseline", "baseline++"])
+def test_baseline_presets_are_the_papers_protocol(benchmark: str, algorithm: str) -> None:
+    """Chen et al. 2019 Sec. 4.1 and the authors' code: Conv-4, Adam 1e-3, batches of 16 with augmentation, 400 epochs
+    of the 38,400 training images, a 200-way pre-training classifier; the authors' fine-tuning recipe."""
+    config = resolve(benchmark, algorithm)
+    a = config.algorithm
+    assert CHEN_ARXIV in a.source and "Sec. 4.1" in a.source
+    assert (a.meta_lr, a.pretrain.batch_size, a.pretrain.classes, a.pretrain.augment) == (1e-3, 16, 200, True)
+    assert config.trainer.max_steps == 400 * 38_400 // 16
+    f = a.finetune
+    assert (f.epochs, f.batch_size, f.lr, f.momentum, f.dampening, f.weight_decay) == (100, 4, 0.01, 0.9, 0.9, 0.001)
+    assert a.bn_mode == "non-transductive" and a.cosine_scale is None  # the code's rule: 2 for <= 200 classes
+    assert config.model.backbone == "conv4" and config.model.options == {"hidden": 64, "pool": True}
 
 
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
@@ -279,9 +319,9 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_unknown_algorithm() -> None:
-    known = "maml, fomaml, anil, metasgd, mamlpp, reptile"
-    with pytest.raises(ConfigError, match=rf"unknown algorithm 'protonet'; known: {known}"):
-        resolve("omniglot-5w1s", "protonet")
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'matchingnet'; known: maml, fomaml, anil, metasgd, "
+                                          r"mamlpp, reptile, transfer, protonet, baseline, baseline\+\+"):
+        resolve("omniglot-5w1s", "matchingnet")
 
 
 def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
