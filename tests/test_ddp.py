@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from metabench.config import ConfigError
 from metabench.datasets.episodes import MetaBatch
-from metabench.distributed import gather_in_order, round_robin, task_slice
+from metabench.distributed import broadcast_object, gather_in_order, round_robin, task_slice
 from metabench.records import read_record
 from metabench.runner import _prepare, run, world_size
 from tests.conftest import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
@@ -139,6 +139,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         grads = {name: _one_step_gradients(config, None) for name, config in _configs(Path(root)).items()}
+        grads["broadcast"] = broadcast_object(f"rank {rank}'s choice")  # what "auto" does with rank 0's engine
+        grads["gathered"] = gather_in_order([f"r{rank}i{i}" for i in range(2 - rank)])  # 3 items, round-robin
         torch.save(grads, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -154,6 +156,8 @@ def test_two_processes_give_the_single_process_meta_gradient(tmp_path: Path) -> 
     """3 tasks over 2 ranks (2 + 1: the uneven split is weighted), every algorithm, float64."""
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["broadcast"] for r in ranks] == ["rank 0's choice"] * 2
+    assert [r["gathered"] for r in ranks] == [["r0i0", "r1i0", "r0i1"]] * 2  # global items 0, 1, 2
     for name, config in _configs(tmp_path).items():
         _, dm, _, _ = _prepare(config)
         reference = _one_step_gradients(config, first_meta_batch(dm))
@@ -172,8 +176,10 @@ STEPS = 20
 _NOISE_ONLY = ("features.0.0.bias", "features.1.0.bias", "features.2.0.bias", "features.3.0.bias")
 
 
+# Over TINY_RUN: 3 tasks (2 + 1 per rank), 4 test batches (2 per rank), one engine for every run compared ("auto"
+# times the engines afresh in each run and may pick another on a loaded machine; they agree only to rounding).
 RUN = ["algorithm.meta_batch=3", "episodes.eval_batch=5", "trainer.cpu_threads=1", "trainer.checkpoint_every=10",
-       "trainer.val_every=10"]  # over TINY_RUN: 3 tasks (2 + 1 per rank), 4 test batches (2 per rank)
+       "trainer.val_every=10", "algorithm.engine=sequential"]
 
 
 def _cli(out: Path, *extra: str) -> list[str]:

@@ -66,7 +66,10 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path) 
 def _cli(tmp_path: Path, out: str, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "metabench.cli", "run", "--algorithm", "maml", "--quiet", "--accelerator", "cpu",
             "--out-dir", str(tmp_path / out), "--records-dir", str(tmp_path / out / "records"),
-            "--max-steps", "24", *set_flags(TINY_RUN)]
+            "--max-steps", "24", *set_flags(TINY_RUN),
+            # One engine for both runs: the engines agree only to float rounding, and "auto" times them afresh in
+            # every run, so on a loaded machine two runs may pick differently; resume keeps the killed run's pick.
+            "--set", "algorithm.engine=sequential"]
     return args + list(extra)
 
 
