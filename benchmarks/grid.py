@@ -250,6 +250,8 @@ def expand(spec: GridSpec, resolve_args: Resolver) -> Plan:
     benchmark) is skipped with a note; a preset or algorithm that no benchmark of the grid defines, a cell whose
     configuration does not resolve, and two cells sharing a run folder are errors naming them.
     """
+    from metabench.runner import world_size  # torch and Lightning: only once there is a grid to check
+
     combos, notes = _combinations(spec)
     varied = [[(key, value) for value in values] for key, values in spec.vary.items()]
     cells = [Cell(b, p, a, seed, tuple(vary)) for seed in (spec.seeds or [None]) for b, p, a in combos
@@ -262,6 +264,7 @@ def expand(spec: GridSpec, resolve_args: Resolver) -> Plan:
         argv = cell.args() + run_args
         try:
             config = resolve_args(argv)
+            world_size(config)  # e.g. --devices 2 for a learner that runs in one process: refused up front
         except ConfigError as error:
             raise GridError(f"cell {cell.name}: {error}") from error
         _check_varied_values(cell, config)

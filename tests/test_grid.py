@@ -296,13 +296,15 @@ _BAD = [
       "--algorithm", "transfer"], "synthetic-5w1s/default: no 'transfer'"),
     (["grid", "sweep", "--benchmark", "synthetic-5w1s", "--benchmark", "synthetic-seg-1w1s"],
      "name the algorithms (--algorithm) so that every preset defines them"),
+    (["grid", "run", "--benchmark", "synthetic-5w1s", "--algorithm", "maml", "--algorithm", "protonet", "--devices",
+      "2", "--strategy", "ddp"], "cell synthetic-5w1s/protonet/default: protonet runs in one process"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", _BAD, ids=[
     "unknown-benchmark", "no-benchmark", "algorithm-nowhere", "preset-nowhere", "bad-value", "unknown-key",
     "duplicate-seed", "vary-not-dotted", "varied-and-set", "parallel-0", "bad-out-dir-field", "sweep-undefined",
-    "sweep-union"])
+    "sweep-union", "ddp-one-process-learner"])
 def test_bad_input_fails_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str], argv: list[str],
                                               message: str) -> None:
