@@ -179,7 +179,7 @@ def test_verdict_rules() -> None:
     assert verdict(98.0, 0.35, paper) == OVERLAP  # 98.35 >= 98.3
     assert verdict(98.0, 0.2, paper) == BELOW
     assert verdict(50.0, 1.0, None) == NO_PAPER
-    no_ci = PaperResult("b", "maml++", "conv4", "transductive", None, None, 99.47, None, "x", "1", "T", "r")
+    no_ci = PaperResult("b", "mamlpp", "conv4", "transductive", None, None, 99.47, None, "x", "1", "T", "r")
     assert verdict(99.47, 0.1, no_ci) == REPRODUCED and verdict(99.3, 0.1, no_ci) == BELOW
 
 
@@ -200,11 +200,11 @@ def test_paper_numbers_as_published() -> None:
         ("omniglot-20w5s", "reptile", "transductive"): (97.12, 0.32, "1803.02999v3", "Table 2"),
         ("mini-imagenet-5w1s", "reptile", "non-transductive"): (47.07, 0.26, "1803.02999v3", "Table 1"),
         ("mini-imagenet-5w5s", "reptile", "transductive"): (65.99, 0.58, "1803.02999v3", "Table 1"),
-        ("omniglot-5w1s", "maml++", "transductive"): (99.47, None, "1810.09502", "Table 1"),
-        ("mini-imagenet-5w5s", "maml++", "transductive"): (68.32, 0.44, "1810.09502", "Table 2"),
+        ("omniglot-5w1s", "mamlpp", "transductive"): (99.47, None, "1810.09502", "Table 1"),
+        ("mini-imagenet-5w5s", "mamlpp", "transductive"): (68.32, 0.44, "1810.09502", "Table 2"),
         ("omniglot-20w1s", "anil", "transductive"): (96.2, 0.5, "1909.09157", "Table 2"),
-        ("mini-imagenet-5w1s", "meta-sgd", "transductive"): (50.47, 1.87, "1707.09835", "Table 1"),
-        ("omniglot-20w1s", "meta-sgd", "transductive"): (95.93, 0.38, "1707.09835", "Table 1"),
+        ("mini-imagenet-5w1s", "metasgd", "transductive"): (50.47, 1.87, "1707.09835", "Table 1"),
+        ("omniglot-20w1s", "metasgd", "transductive"): (95.93, 0.38, "1707.09835", "Table 1"),
         ("omniglot-5w1s", "protonet", "non-transductive"): (98.8, None, "1703.05175", "Table 1"),
         ("omniglot-20w5s", "protonet", "non-transductive"): (98.9, None, "1703.05175", "Table 1"),
         ("mini-imagenet-5w1s", "protonet", "non-transductive"): (49.42, 0.78, "1703.05175", "Table 2"),
@@ -282,9 +282,9 @@ def test_table_logic_on_fixture() -> None:
     assert (maml.verdict, fomaml.verdict, reptile.verdict) == (OVERLAP, OVERLAP, BELOW)
     assert maml.delta == pytest.approx(98.25 - 98.7, abs=1e-9)
     # Unmatched numbers, by published mean: two of unknown test protocol, and MAML's MLP (not our backbone).
-    assert [(r.algorithm, r.backbone) for r in omni.paper_rows] == [("meta-sgd", "conv4"), ("maml++", "conv4"),
+    assert [(r.algorithm, r.backbone) for r in omni.paper_rows] == [("metasgd", "conv4"), ("mamlpp", "conv4"),
                                                                    ("maml", "mlp")]
-    assert omni.paper_rows[0].label == "meta-sgd (paper; split unknown, queries unknown)"
+    assert omni.paper_rows[0].label == "metasgd (paper; split unknown, queries unknown)"
     non_t = tables[("omniglot-5w1s", f"non-transductive, {one}")]
     assert non_t.rows[0].paper.mean == 95.39 and non_t.rows[0].verdict == REPRODUCED
     # ProtoNet's Omniglot number (non-transductive, 15 queries per class) matches no row: listed as paper only

@@ -59,7 +59,7 @@ def test_page_renders_and_sorts(tmp_path: Path) -> None:
         table = driver.find_element("id", "t-omniglot-5w1s--transductive-1-query-class")
         # 3 ranked rows + 3 paper-only rows, best first; bold rows are the best and the tied one.
         unknown = "(paper; split unknown, queries unknown)"
-        paper_only = [f"meta-sgd {unknown}", f"maml++ {unknown}",
+        paper_only = [f"metasgd {unknown}", f"mamlpp {unknown}",
                       "maml (paper; maml split, 1 query/class)"]
         assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
         bold = [row.find_element("css selector", "td").value_of_css_property("font-weight")
@@ -79,7 +79,7 @@ def test_page_renders_and_sorts(tmp_path: Path) -> None:
         # A text column sorts alphabetically.
         table.find_elements("css selector", "thead th")[0].click()
         assert _column(table, 0) == ["fomaml", "maml", "maml (paper; maml split, 1 query/class)",
-                                     f"maml++ {unknown}", f"meta-sgd {unknown}", "reptile"]
+                                     f"mamlpp {unknown}", f"metasgd {unknown}", "reptile"]
         # Paper column (numbers): ascending by published mean.
         table.find_elements("css selector", "thead th")[8].click()
         assert _column(table, 8) == ["89.7 ± 1.1", "97.68 ± 0.04", "98.3 ± 0.5", "98.7 ± 0.4", "99.47", "99.53 ± 0.26"]
