@@ -161,15 +161,16 @@ def finetune_heads(support: Tensor, labels: Tensor, ways: int, recipe: FinetuneC
     ``support [T, n, D]`` (no gradient reaches it), ``labels [T, n]``. The authors' loop, vectorised over tasks
     (CloserLookFewShot methods/baselinefinetune.py ``set_forward_adaptation``): ``recipe.epochs`` passes over the
     support set in a fresh random order, in mini-batches of ``recipe.batch_size`` (the last one smaller), each one
-    SGD step on the mini-batch's mean cross-entropy with momentum, dampening and weight decay exactly as
-    ``torch.optim.SGD`` applies them. Tasks share no parameter, so one gradient of the summed task losses gives
+    ``torch.optim.SGD`` step (momentum, dampening, weight decay) on the mini-batch's mean cross-entropy. Tasks
+    share no parameter, so one gradient of the summed task losses gives
     every task its own step. Returns the heads ``[T, ...]`` (detached).
     """
     tasks, n, dim = support.shape
     support = support.detach()
     params = init_heads(tasks, ways, dim, cosine, generator, support)
-    names = list(params)
-    momentum: dict[str, Tensor] = {}
+    # torch.optim.SGD itself: its update is elementwise, so on the stacked [T, ...] heads it is each task's own SGD.
+    optimizer = torch.optim.SGD(params.values(), lr=recipe.lr, momentum=recipe.momentum,
+                                dampening=recipe.dampening, weight_decay=recipe.weight_decay)
     for _ in range(recipe.epochs):
         order = support_order(generator, tasks, n).to(support.device)
         for start in range(0, n, recipe.batch_size):
@@ -178,25 +179,10 @@ def finetune_heads(support: Tensor, labels: Tensor, ways: int, recipe: FinetuneC
             y = torch.gather(labels, 1, rows)
             logits = head_logits(params, z, scale)
             loss = F.cross_entropy(logits.reshape(-1, ways), y.reshape(-1), reduction="none")
-            grads = torch.autograd.grad(loss.view(tasks, -1).mean(1).sum(), [params[k] for k in names])
-            with torch.no_grad():
-                for name, grad in zip(names, grads):
-                    _sgd_step(params[name], grad, momentum, name, recipe)
+            optimizer.zero_grad(set_to_none=True)
+            loss.view(tasks, -1).mean(1).sum().backward()
+            optimizer.step()
     return {k: v.detach() for k, v in params.items()}
-
-
-def _sgd_step(param: Tensor, grad: Tensor, state: dict[str, Tensor], name: str, recipe: FinetuneConfig) -> None:
-    """``torch.optim.SGD``'s update (not Nesterov), in place: weight decay, momentum buffer with dampening (the first
-    step stores the raw gradient), ``param -= lr * buffer``."""
-    if recipe.weight_decay:
-        grad = grad.add(param, alpha=recipe.weight_decay)
-    if recipe.momentum:
-        if name not in state:
-            state[name] = grad.clone()
-        else:
-            state[name].mul_(recipe.momentum).add_(grad, alpha=1.0 - recipe.dampening)
-        grad = state[name]
-    param.add_(grad, alpha=-recipe.lr)
 
 
 def use_native_norm(backbone: nn.Module) -> None:
