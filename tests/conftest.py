@@ -79,6 +79,16 @@ def rel_err(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]) -> float
     return float((a - b).norm() / b.norm())
 
 
+def assert_grads_close(ours: Sequence[Tensor], ref: Sequence[Tensor], rtol: float = 1e-10) -> None:
+    """Meta-gradients equal to ``rtol`` relative to the reference's norm, as a whole and tensor by tensor (conv
+    biases before batch norm are ~0, so each tensor is judged against the whole); a ~0 reference is refused."""
+    scale = flat(ref).norm()
+    assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
+    assert rel_err(ours, ref) <= rtol
+    for a, b in zip(ours, ref):
+        assert (a - b).norm() <= rtol * scale
+
+
 def conv4_image(pool: bool) -> tuple[int, int, int]:
     """The test Conv4's input shape: 1x28x28 (Omniglot-like), or 2x21x21 pooled (odd sizes: floor pooling)."""
     return (2, 21, 21) if pool else (1, 28, 28)

@@ -17,7 +17,16 @@ from metabench.models.algorithms import MAML, MetaSGD, build_algorithm
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, Params, adapt_tasks, meta_backward, meta_loss
 from metabench.models.problems import Classification
-from tests.conftest import conv4_image, fit_one_step, flat, meta_batch, rel_err, seeded_conv4, tiny_config
+from tests.conftest import (
+    assert_grads_close,
+    conv4_image,
+    fit_one_step,
+    flat,
+    meta_batch,
+    rel_err,
+    seeded_conv4,
+    tiny_config,
+)
 
 LR = 0.3
 RTOL = 1e-10
@@ -49,14 +58,6 @@ def _grads(model: nn.Module, params: Params, lrs: Params | None, batch: tuple[Te
     return loss.detach(), list(torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True))
 
 
-def _assert_close(ours: list[Tensor], ref: list[Tensor]) -> None:
-    scale = flat(ref).norm()
-    assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
-    assert rel_err(ours, ref) <= RTOL
-    for a, b in zip(ours, ref):  # each tensor too, relative to the whole (conv biases before batch norm are ~0)
-        assert (a - b).norm() <= RTOL * scale
-
-
 # -- Meta-SGD: the inner loop with per-entry rates ------------------------------------------------------------
 
 
@@ -72,7 +73,7 @@ def test_metasgd_engines_match_sequential(engine: str, pool: bool, global_pool: 
     ref_loss, ref = _grads(model, params, lrs, batch, config, "sequential")
     loss, ours = _grads(model, params, lrs, batch, config, engine)
     assert abs(float(loss - ref_loss)) <= 1e-12 * abs(float(ref_loss))
-    _assert_close(ours, ref)
+    assert_grads_close(ours, ref)
     assert flat(ref[len(params):]).norm() > 1e-3  # the rates' meta-gradient is really compared
 
 
@@ -87,7 +88,7 @@ def test_metasgd_rates_alone_get_the_second_order_gradient(engine: str) -> None:
     for name in ("sequential", engine):
         loss, _ = meta_loss(model, params, F.cross_entropy, *batch, config, name, lrs)
         grads[name] = list(torch.autograd.grad(loss, list(lrs.values())))
-    _assert_close(grads[engine], grads["sequential"])
+    assert_grads_close(grads[engine], grads["sequential"])
 
 
 @pytest.mark.parametrize("engine", ["sequential", "batched", "vmap"])
@@ -99,7 +100,7 @@ def test_metasgd_with_uniform_rates_is_maml(engine: str) -> None:
     config = InnerConfig(steps=2, lr=LR)
     _, maml = _grads(model, params, None, batch, config, engine)
     _, metasgd = _grads(model, params, lrs, batch, config, engine)
-    _assert_close(metasgd, maml)
+    assert_grads_close(metasgd, maml)
 
 
 def test_metasgd_chunked_backward_matches_whole_batch() -> None:
@@ -110,7 +111,7 @@ def test_metasgd_chunked_backward_matches_whole_batch() -> None:
     config = InnerConfig(steps=2, lr=LR)
     _, ref = _grads(model, params, lrs, batch, config, "batched")
     meta_backward(model, params, F.cross_entropy, *batch, config, "batched", task_chunk=1, lrs=lrs)
-    _assert_close([t.grad for t in (*model.parameters(), *lrs.values())], ref)
+    assert_grads_close([t.grad for t in (*model.parameters(), *lrs.values())], ref)
 
 
 def test_rates_must_name_the_adapted_parameters() -> None:
@@ -136,7 +137,7 @@ def test_anil_equals_metasgd_with_zero_body_rates(engine: str, steps: int) -> No
     everything = dict(model.named_parameters())
     rates = {k: torch.full_like(p.detach(), LR if k in head else 0.0) for k, p in everything.items()}
     _, reference = _grads(model, everything, rates, batch, config, "sequential")
-    _assert_close(anil, reference)
+    assert_grads_close(anil, reference)
 
 
 def _module(name: str, engine: str = "sequential", **fields) -> MAML:

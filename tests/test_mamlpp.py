@@ -30,6 +30,7 @@ from metabench.records import read_record
 from tests.conftest import (
     DT,
     TINY_RUN,
+    assert_grads_close,
     conv4_image,
     flat,
     meta_batch,
@@ -109,14 +110,6 @@ def _wrt(model: nn.Module, rates: list[Params] | None) -> list[Tensor]:
     return [*model.parameters(), *(r for step in rates or [] for r in step.values())]
 
 
-def _assert_close(ours: list[Tensor], ref: list[Tensor]) -> None:
-    scale = flat(ref).norm()
-    assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
-    assert rel_err(ours, ref) <= RTOL
-    for a, b in zip(ours, ref):  # each tensor too, relative to the whole (conv biases before batch norm are ~0)
-        assert (a - b).norm() <= RTOL * scale
-
-
 # -- every new gradient path against the reference ------------------------------------------------------------
 
 
@@ -140,7 +133,7 @@ def test_meta_gradient_matches_reference(engine: str, first_order: bool, msl: bo
     wrt = _wrt(model, rates)
     ours = torch.autograd.grad(loss, wrt, allow_unused=True, materialize_grads=True)
     expected = torch.autograd.grad(ref, wrt, allow_unused=True, materialize_grads=True)
-    _assert_close(list(ours), list(expected))
+    assert_grads_close(list(ours), list(expected))
     if rates:  # the rates' meta-gradient is really compared (not drowned by the parameters')
         count = len(list(model.parameters()))
         assert flat(expected[count:]).norm() > 1e-3 and rel_err(ours[count:], expected[count:]) <= RTOL
@@ -160,7 +153,7 @@ def test_chunked_backward_with_every_switch_equals_whole_batch(engine: str) -> N
     chunked, _ = meta_backward(model, params, F.cross_entropy, *_batch(), config, engine, 2, rates, step_params,
                                [0.2, 0.3, 0.5])
     assert abs(float(chunked) - float(loss.detach())) <= 1e-12
-    _assert_close([t.grad if t.grad is not None else torch.zeros_like(t) for t in _wrt(model, rates)], list(ref))
+    assert_grads_close([t.grad if t.grad is not None else torch.zeros_like(t) for t in _wrt(model, rates)], list(ref))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_check.sh runs it)")
@@ -180,7 +173,7 @@ def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
     loss, _ = meta_loss(model, params, F.cross_entropy, *(t.cuda() for t in _batch()), config, engine, rates,
                         step_params, [0.2, 0.3, 0.5])
     ours = torch.autograd.grad(loss, _wrt(model, rates), allow_unused=True, materialize_grads=True)
-    _assert_close([g.cpu() for g in ours], list(ref))
+    assert_grads_close([g.cpu() for g in ours], list(ref))
 
 
 # -- the identities of the issue ------------------------------------------------------------------------------
@@ -232,8 +225,8 @@ def test_lslr_with_one_step_is_metasgd_with_per_layer_tied_rates(engine: str, fi
     ours = torch.autograd.grad(lslr_loss, [*params.values(), *rates.values()])
     theirs = torch.autograd.grad(sgd_loss, [*params.values(), *tied.values()])
     count = len(params)
-    _assert_close(list(ours[:count]), list(theirs[:count]))
-    _assert_close(list(ours[count:]), [g.sum() for g in theirs[count:]])
+    assert_grads_close(list(ours[:count]), list(theirs[:count]))
+    assert_grads_close(list(ours[count:]), [g.sum() for g in theirs[count:]])
 
 
 def _module(engine: str = "sequential", max_steps: int = 100, **fields) -> MAML:
@@ -270,8 +263,8 @@ def test_da_gradient_is_fomamls_before_the_switch_and_mamls_after(engine: str) -
     assert da.inner_config(True).first_order and da.inner_config(False).first_order  # epoch 0; evaluation
     before, after = _step_gradient(da, 1), _step_gradient(da, 2)
     first, second = _step_gradient(fomaml), _step_gradient(maml)
-    _assert_close(before, first)
-    _assert_close(after, second)
+    assert_grads_close(before, first)
+    assert_grads_close(after, second)
     assert rel_err(first, second) > 1e-3
 
 
