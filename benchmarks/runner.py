@@ -371,11 +371,13 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
     return summary
 
 
-# What ``metabench test`` may change: the test protocol and where things are, never what was trained.
+# What ``metabench test`` may change: the test protocol, where things are and the training run's bookkeeping
+# (how often it validated and checkpointed: neither changes the trained weights), never what was trained.
 TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.test_episodes", "episodes.eval_seed", "episodes.eval_batch",
                       "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr", "algorithm.engine",
                       "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
-                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "records_dir", "out_dir", "logger")
+                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_every",
+                      "trainer.checkpoint_every", "records_dir", "out_dir", "logger")
 
 
 def trained_config(config: RunConfig) -> dict[str, Any] | None:

@@ -189,6 +189,18 @@ def test_test_accepts_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
         check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["algorithm.msl_epochs=3"]))
 
 
+def test_test_ignores_the_training_runs_validation_and_checkpoint_cadence(tmp_path: Path) -> None:
+    """A run trained with --set trainer.val_every / trainer.checkpoint_every is tested without repeating them (the
+    flagship run's case): they change neither the weights nor the test; what was trained is still checked."""
+    from metabench.config import ConfigError
+    from metabench.runner import check_test_overrides
+
+    saved = tiny_config(tmp_path, "maml", extra=["trainer.val_every=2500", "trainer.checkpoint_every=500"]).to_dict()
+    check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["episodes.queries=1"]))
+    with pytest.raises(ConfigError, match="algorithm.inner_lr"):
+        check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["algorithm.inner_lr=0.1"]))
+
+
 def test_test_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
     from metabench.runner import test_run
 
