@@ -248,7 +248,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     for name in algorithms:
         tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))
         # Checked against the run folder's saved config; runs without one, against the preset without --set.
-        results.append(test_run(tested, trained=resolve(args.benchmark, name, args.preset, args.config)))
+        results.append(test_run(tested, trained=resolve(args.benchmark, name, args.preset, args.config),
+                                trained_benchmark=args.trained_benchmark))
     print_comparison([r.record for r in results], [r.record_path for r in results])
     return 0
 
@@ -257,6 +258,9 @@ def add_test(sub: Subparsers) -> None:
     p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
                                     "--set episodes.queries=1) and write a second record, without retraining")
     _run_args(p)
+    p.add_argument("--trained-benchmark", metavar="BENCHMARK",
+                   help="test the run trained under BENCHMARK (its run folder), when its training configuration is "
+                        "this benchmark's (checked): e.g. one Reptile Omniglot training for both 1-shot and 5-shot")
     p.set_defaults(func=cmd_test)
 
 

@@ -13,6 +13,7 @@ writes the record, checkpoints (Lightning) and logs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -131,6 +132,9 @@ def world_size(config: RunConfig) -> int:
         raise ConfigError(f"{config.algorithm.name} runs in one process: several processes split a meta-batch by "
                           f"tasks, exact for {', '.join(DDP_ALGORITHMS)} only (batch statistics over a whole "
                           "batch, or early stopping on a validation loss, would differ per process)")
+    if size > 1 and config.algorithm.inner_state == "persistent":
+        raise ConfigError("algorithm.inner_state=persistent runs in one process: each task's inner Adam state starts "
+                          "where the previous task's ended, so the tasks of a meta-batch cannot be split")
     try:
         check_world(config.algorithm.meta_batch, size)
     except ValueError as error:
@@ -306,6 +310,7 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
         max_steps=config.trainer.max_steps,
         max_time={"minutes": config.trainer.max_time_minutes} if config.trainer.max_time_minutes else None,
         val_check_interval=config.trainer.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=1.0 if datamodule.validates else 0,  # val_episodes 0: the split holds no validation
         log_every_n_steps=config.trainer.log_every, inference_mode=False, logger=logger or False, callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
         deterministic=False)
@@ -373,34 +378,67 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
 
 # What ``metabench test`` may change: the test protocol, where things are and the training run's bookkeeping
 # (how often it validated and checkpointed: neither changes the trained weights), never what was trained.
-TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.test_episodes", "episodes.eval_seed", "episodes.eval_batch",
-                      "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr", "algorithm.engine",
+# Training episode shapes are compared as training used them (``episodes.shots`` when ``train_shots`` is null).
+TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.shots", "episodes.test_episodes", "episodes.eval_seed",
+                      "episodes.eval_batch", "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr",
+                      "algorithm.eval_inner_batch", "algorithm.engine",
                       "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
                       "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_every",
                       "trainer.checkpoint_every", "records_dir", "out_dir", "logger")
 
 
-def trained_config(config: RunConfig) -> dict[str, Any] | None:
-    """The configuration the run in ``config``'s run folder was trained with (its ``config.json``), if saved."""
-    path = run_dir_for(config) / "config.json"
+# The training episodes' shape: ``episodes.train_<key>``, or ``episodes.<key>`` where that is null.
+TRAIN_SHAPE = ("ways", "shots", "queries")
+
+
+def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
+    """The configuration the run in ``config``'s run folder (under ``benchmark``'s runs, default its own) was
+    trained with (its ``config.json``), if saved."""
+    path = trained_run_dir(config, benchmark) / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig) -> None:
+def trained_run_dir(config: RunConfig, benchmark: str | None = None) -> Path:
+    """The run folder ``metabench test`` evaluates: ``config``'s own, or the same run trained under ``benchmark``."""
+    return run_dir_for(config if benchmark is None else dataclasses.replace(config, benchmark=benchmark))
+
+
+def _training_shape(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with every ``episodes.train_<key>`` set to the value training used (the evaluation one when null)."""
+    return {**flat, **{f"episodes.train_{k}": flat.get(f"episodes.train_{k}") or flat.get(f"episodes.{k}")
+                       for k in TRAIN_SHAPE}}
+
+
+def with_training_shape(tested: RunConfig, trained: RunConfig | dict[str, Any]) -> RunConfig:
+    """``tested`` with the training episode shape it leaves null taken from the trained run (as training used it),
+    so that another evaluation shape (``--set episodes.shots=5``) does not read as another training."""
+    before = _training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
+    filled = {f"train_{k}": getattr(tested.episodes, f"train_{k}") or before.get(f"episodes.train_{k}")
+              for k in TRAIN_SHAPE}
+    return dataclasses.replace(tested, episodes=dataclasses.replace(tested.episodes, **filled))
+
+
+def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig, *,
+                         other_benchmark: bool = False) -> None:
     """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol.
 
-    A key the trained configuration lacks (a run saved before that key existed) counts as its default value.
+    Training episode shapes are compared as training used them (:func:`_training_shape`); ``algorithm.source`` (a
+    citation) is not compared, nor ``benchmark`` when the run was trained under another benchmark on purpose
+    (``--trained-benchmark``: e.g. Reptile's 1-shot and 5-shot cells share one training). A key the trained
+    configuration lacks (a run saved before that key existed) counts as its default value.
     """
-    before = flatten_config(trained if isinstance(trained, dict) else trained.to_dict())
-    defaults = flatten_config(RunConfig().to_dict())
-    changed = [key for key, value in flatten_config(tested.to_dict()).items()
-               if before.get(key, defaults.get(key)) != value and key not in TEST_PROTOCOL_KEYS]
+    before = _training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
+    defaults = _training_shape(flatten_config(RunConfig().to_dict()))
+    ignored = {*TEST_PROTOCOL_KEYS, "algorithm.source", *(("benchmark",) if other_benchmark else ())}
+    changed = [key for key, value in _training_shape(flatten_config(tested.to_dict())).items()
+               if before.get(key, defaults.get(key)) != value and key not in ignored]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
-                          f"({', '.join(TEST_PROTOCOL_KEYS[:7])}) and paths, not {', '.join(changed)}")
+                          f"({', '.join(TEST_PROTOCOL_KEYS[:8])}) and paths, not {', '.join(changed)}")
 
 
-def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool = True) -> RunResult:
+def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_benchmark: str | None = None,
+             write: bool = True) -> RunResult:
     """Evaluate a finished run's final weights (``<run dir>/checkpoints/last.ckpt``) on ``config``'s test
     episodes, e.g. another number of queries per class, and write a second record for the same run.
 
@@ -409,15 +447,31 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool
     initialization as the run's own). ``config`` may differ from the training configuration (the run folder's
     ``config.json``, else ``trained``) only in :data:`TEST_PROTOCOL_KEYS`. Raises ``FileNotFoundError`` without
     a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
+
+    ``trained_benchmark``: the run was trained under that benchmark (its run folder there): allowed only when its
+    training configuration is this one's (e.g. Reptile's Omniglot 5w5s cell from the 5w1s training run, whose
+    shots change only the evaluation); the record names it in ``config.resolved.trained_run``.
     """
-    run_dir = run_dir_for(config)
+    if trained_benchmark == config.benchmark:
+        trained_benchmark = None
+    run_dir = trained_run_dir(config, trained_benchmark)
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no trained run to test: {last} does not exist (train it with metabench run "
                                 f"with the same benchmark, algorithm, preset, seed and --out-dir)")
-    reference = trained_config(config) or trained
+    reference = trained_config(config, trained_benchmark)
+    if reference is None and trained_benchmark is not None:
+        raise ConfigError(f"{run_dir} has no config.json: a run trained under another benchmark is tested only when "
+                          "its training configuration can be checked")
+    reference = reference or trained
+    resolved: dict[str, Any] = {}
     if reference is not None:
-        check_test_overrides(reference, config)
+        if trained_benchmark is None:  # under another benchmark, its own preset must describe the same training
+            config = with_training_shape(config, reference)
+        check_test_overrides(reference, config, other_benchmark=trained_benchmark is not None)
+    if trained_benchmark is not None:
+        resolved["trained_run"] = {"benchmark": trained_benchmark, "run_dir": run_dir.as_posix(),
+                                   "why": "same training configuration (checked); only the test protocol differs"}
     device, datamodule, module, initial = _prepare(config)
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     step = int(checkpoint.get("global_step", 0))
@@ -432,7 +486,8 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, write: bool
     points = next((v["points"] for k, v in states.items() if _Curve.__name__ in k), [])
     trainer = _test_trainer(device)
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=step, train_seconds=seconds,
-                          curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step}})
+                          curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step},
+                                                  **resolved})
     path = write_record(record, config.records_dir) if write else Path()
     return RunResult(record, path, run_dir)
 

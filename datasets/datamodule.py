@@ -12,6 +12,7 @@ evaluation batches go round-robin (batch ``b`` to rank ``b % W``), each batch ex
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,7 +61,8 @@ class _FixedEpisodes(IterableDataset):
         indices = self.sampler.fixed(self.seed, self.count)
         for chunk in self.chunks:
             start = chunk * self.batch
-            yield self.sampler.gather(indices.slice(start, start + self.batch), self.images)
+            batch = self.sampler.gather(indices.slice(start, start + self.batch), self.images)
+            yield dataclasses.replace(batch, episodes=torch.arange(start, start + batch.tasks))
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -72,7 +74,8 @@ class EpisodicDataModule(L.LightningDataModule):
         meta_batch: tasks per training step.
         train_spec: training episode shape if it differs (e.g. Reptile trains with more shots); default ``spec``.
         seed: training episode seed; ``eval_seed`` names the fixed validation/test episodes (and their digest).
-        val_episodes / test_episodes: number of fixed episodes; ``eval_batch``: tasks per evaluation batch.
+        val_episodes / test_episodes: number of fixed episodes (``val_episodes`` 0: no validation, e.g. Reptile's
+            Omniglot split holds none); ``eval_batch``: tasks per evaluation batch.
         splits: names of the (train, val, test) splits.
         resident_device: keep all images on this device and gather there (``None``: stay on the host).
     """
@@ -83,9 +86,9 @@ class EpisodicDataModule(L.LightningDataModule):
                  splits: tuple[str, str, str] = ("train", "val", "test"),
                  resident_device: str | torch.device | None = None) -> None:
         super().__init__()
-        if meta_batch <= 0 or eval_batch <= 0 or val_episodes <= 0 or test_episodes <= 0:
-            raise ValueError("meta_batch, eval_batch, val_episodes and test_episodes must be positive, got "
-                             f"{meta_batch}, {eval_batch}, {val_episodes}, {test_episodes}")
+        if meta_batch <= 0 or eval_batch <= 0 or val_episodes < 0 or test_episodes <= 0:
+            raise ValueError("meta_batch, eval_batch and test_episodes must be positive and val_episodes >= 0 (0: no "
+                             f"validation), got {meta_batch}, {eval_batch}, {test_episodes}, {val_episodes}")
         self.load_split = load_split
         self.spec = spec
         self.train_spec = train_spec or spec
@@ -122,7 +125,13 @@ class EpisodicDataModule(L.LightningDataModule):
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "",
                                                                                       ("train", "val", "test"))
         for role in roles:
-            self.sampler(role)
+            if role != "val" or self.validates:
+                self.sampler(role)
+
+    @property
+    def validates(self) -> bool:
+        """Whether there are validation episodes (``val_episodes: 0``: none, the split need not exist)."""
+        return self.val_episodes > 0
 
     def digest(self, role: str = "test") -> str:
         count = self.test_episodes if role == "test" else self.val_episodes
@@ -144,8 +153,8 @@ class EpisodicDataModule(L.LightningDataModule):
         return DataLoader(_FixedEpisodes(sampler, self._images[role], self.eval_seed, count, self.eval_batch,
                                          rank, size), batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._fixed("val", self.val_episodes)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._fixed("val", self.val_episodes) if self.validates else []  # Lightning: no validation batches
 
     def test_dataloader(self) -> DataLoader:
         return self._fixed("test", self.test_episodes)

@@ -82,6 +82,10 @@ class MetaBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
     classes: torch.Tensor
+    # Fixed evaluation episodes: each task's index in its episode set ``[T]`` (int64, on the host), so that what is
+    # drawn per episode at test time (e.g. evaluation minibatches) does not depend on how episodes are batched.
+    # None for training meta-batches.
+    episodes: torch.Tensor | None = None
 
     @property
     def tasks(self) -> int:
@@ -89,7 +93,8 @@ class MetaBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MetaBatch:
         return MetaBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                           (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)))
+                           (self.support_x, self.support_y, self.query_x, self.query_y, self.classes)),
+                         episodes=self.episodes)
 
 
 class _CounterRng:

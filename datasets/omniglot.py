@@ -1,4 +1,4 @@
-"""Omniglot (Lake et al., Science 2015): reader, prepared cache, and the Vinyals and MAML class splits.
+"""Omniglot (Lake et al., Science 2015): reader, prepared cache, and the Vinyals, MAML and Reptile class splits.
 
 Accepted layouts under the data root (``root``, or ``$METABENCH_DATA/omniglot``):
 
@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -51,8 +52,10 @@ ROTATIONS = (0, 90, 180, 270)
 SPLITS: dict[str, tuple[str, ...]] = {
     "vinyals": ("train", "val", "test", "trainval"),
     "maml": ("train", "val", "test", "trainval"),
+    "reptile": ("train", "test"),  # Reptile's code holds no characters out for validation
 }
 MAML_TRAIN, MAML_VAL = 1100, 100  # of the 1,200 meta-training characters, 100 are held out for validation
+REPTILE_TRAIN, REPTILE_SEED = 1200, 0  # supervised_reptile: split_dataset(num_train=1200), "--seed" default 0
 LAYOUTS = ("images_background.zip + images_evaluation.zip, or extracted images_background/ + "
            "images_evaluation/ folders (each holding <Alphabet>/characterNN/*.png), directly in the root or in "
            "root/omniglot-py/ (torchvision's layout)")
@@ -244,6 +247,9 @@ def prepare_omniglot(root: PathLike | None, cache_dir: PathLike | None = None, i
 def _check_split(scheme: str, split: str) -> None:
     if scheme not in SPLITS:
         raise DatasetError(f"omniglot: unknown split scheme {scheme!r}; valid schemes: {sorted(SPLITS)}")
+    if scheme == "reptile" and split == "val":
+        raise DatasetError("omniglot/reptile has no validation split (Reptile's code trains on all 1,200 "
+                           "non-test characters): set episodes.val_episodes=0")
     if split not in SPLITS[scheme]:
         raise DatasetError(f"omniglot/{scheme}: unknown split {split!r}; valid splits: {list(SPLITS[scheme])}")
 
@@ -286,6 +292,17 @@ def _maml_order(characters: Sequence[str]) -> list[str]:
     return sorted(characters, key=lambda name: hashlib.sha256(f"maml-omniglot:{name}".encode()).hexdigest())
 
 
+def _reptile_order(characters: Sequence[str]) -> list[str]:
+    """The order ``supervised_reptile`` splits: ``read_dataset`` lists the alphabets of both sets (merged into one
+    folder by its fetch_data.sh) sorted, then each alphabet's characters sorted, and run_omniglot.py calls
+    ``random.seed(0)`` and ``random.shuffle`` on that list before anything else draws from ``random``. Python 3's
+    ``random.Random(seed).shuffle`` is the same algorithm and stream on every Python >= 3.2, so this is the
+    authors' split when their code ran under Python 3."""
+    order = sorted(characters, key=lambda name: tuple(name.split("/")))
+    random.Random(REPTILE_SEED).shuffle(order)
+    return order
+
+
 def split_characters(scheme: str, split: str, characters: Sequence[str]) -> tuple[list[str], tuple[int, ...]]:
     """The sorted characters of ``scheme``/``split`` and the rotations (degrees) that make them classes.
 
@@ -296,13 +313,21 @@ def split_characters(scheme: str, split: str, characters: Sequence[str]) -> tupl
     (train 1,100 x 4, trainval 1,200 x 4, val 100, test 423). The MAML code shuffled an ``os.listdir``
     order with Python's ``random``, which no one can reproduce; here the assignment is :func:`_maml_order`,
     so sizes and protocol match the paper, the exact characters do not.
+    ``reptile``: the protocol of Nichol et al. 2018's code (supervised_reptile/omniglot.py ``split_dataset``,
+    run_omniglot.py): 1,200 training characters with their 4 rotations, no validation split, the other 423 for
+    test, upright only (``augment_dataset`` is applied to the training set alone); the characters are the code's own
+    draw (:func:`_reptile_order`).
     """
     _check_split(scheme, split)
     if scheme == "vinyals":
         return _vinyals_characters(split, characters, _vinyals_spec()), ROTATIONS
     if len(characters) != sum(EXPECTED_CHARACTERS.values()):
-        raise DatasetError(f"omniglot/maml/{split}: needs all {sum(EXPECTED_CHARACTERS.values())} characters, "
+        raise DatasetError(f"omniglot/{scheme}/{split}: needs all {sum(EXPECTED_CHARACTERS.values())} characters, "
                            f"the data has {len(characters)}")
+    if scheme == "reptile":
+        order = _reptile_order(characters)
+        chosen, rotations = (order[:REPTILE_TRAIN], ROTATIONS) if split == "train" else (order[REPTILE_TRAIN:], (0,))
+        return sorted(chosen), rotations
     order = _maml_order(characters)
     parts = {"train": (order[:MAML_TRAIN], ROTATIONS), "val": (order[MAML_TRAIN:MAML_TRAIN + MAML_VAL], (0,)),
              "test": (order[MAML_TRAIN + MAML_VAL:], (0,)), "trainval": (order[:MAML_TRAIN + MAML_VAL], ROTATIONS)}

@@ -48,9 +48,11 @@ from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (
     InnerConfig,
+    InnerState,
     Lrs,
     Params,
     adapt_tasks,
+    adapt_with_state,
     choose_engine,
     default_engine,
     engine_candidates,
@@ -58,6 +60,7 @@ from metabench.models.inner_loop import (
     lr_tensors,
     meta_backward,
     meta_loss,
+    minibatch_rows,
     non_transductive_outputs,
     task_outputs,
     with_step_params,
@@ -97,8 +100,10 @@ class MetaLearner(L.LightningModule):
     # -- shared pieces ---------------------------------------------------------------------------------------
 
     def inner_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The adaptation loss: the problem's mean loss times ``inner_loss_scale`` (see AlgorithmConfig)."""
-        return self.problem.loss(outputs, targets) * self.config.inner_loss_scale
+        """The adaptation loss: the problem's mean loss times ``inner_loss_scale`` (see AlgorithmConfig), times the
+        batch's images with ``inner_loss_sum`` (the sum of the per-image losses)."""
+        loss = self.problem.loss(outputs, targets) * self.config.inner_loss_scale
+        return loss * outputs.shape[0] if self.config.inner_loss_sum else loss
 
     def params(self) -> Params:
         """The parameters the inner loop adapts (all of them unless ``config.adapt`` names prefixes).
@@ -149,6 +154,11 @@ class MetaLearner(L.LightningModule):
         step's query loss alone (MAML)."""
         return None
 
+    def inner_start_state(self) -> InnerState | None:
+        """The inner optimizer's state every evaluation episode starts from (Reptile's persistent Adam state, not
+        carried from one episode to the next); None: a fresh state per episode."""
+        return None
+
     def inner_config(self, training: bool) -> InnerConfig:
         cfg = self.config
         if training:
@@ -193,8 +203,13 @@ class MetaLearner(L.LightningModule):
         step_params = self.step_params()
         step_params = None if step_params is None else {k: v.detach() for k, v in step_params.items()}
         config = self.inner_config(False)
+        ax, ay = sx, sy
+        if self.config.eval_inner_batch is not None:
+            ax, ay = self._eval_minibatches(batch, sx, sy, config.steps)
+            config = dataclasses.replace(config, per_step_batches=True)
         with torch.enable_grad():  # Lightning evaluates under no_grad; adaptation needs gradients
-            adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine, lrs, step_params)
+            adapted = adapt_tasks(params, self.task_loss, ax, ay, config, engine, lrs, step_params,
+                                  state=self.inner_start_state())
         with torch.no_grad():
             # the queries see the batch-norm parameters of the last step taken (no per-step ones: adapted as is)
             adapted = with_step_params({k: v.detach() for k, v in adapted.items()}, step_params, config.steps)
@@ -203,6 +218,20 @@ class MetaLearner(L.LightningModule):
             else:
                 outputs = non_transductive_outputs(self.backbone, adapted, sx, qx, engine)
             return outputs
+
+    def _eval_minibatches(self, batch: MetaBatch, sx: torch.Tensor, sy: torch.Tensor,
+                          steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each episode's support set as ``steps`` minibatches of ``eval_inner_batch`` images (``[T, steps, b, ...]``,
+        :func:`minibatch_rows`), in an order drawn from the episode's index alone: a fixed episode is adapted on the
+        same minibatches whatever the batching of the episodes or the number of processes."""
+        if batch.episodes is None:
+            raise ValueError("algorithm.eval_inner_batch needs the fixed episodes' indices (MetaBatch.episodes)")
+        size = self.config.eval_inner_batch
+        assert size is not None
+        rows = torch.stack([minibatch_rows(sx.shape[1], steps, size, torch.Generator().manual_seed(int(e)))
+                            for e in batch.episodes]).to(sx.device)
+        tasks = torch.arange(sx.shape[0], device=sx.device)[:, None, None]
+        return sx[tasks, rows], sy[tasks, rows]
 
     def _eval_step(self, stage: str, batch: MetaBatch) -> None:
         outputs = self.evaluate_outputs(batch)
@@ -443,11 +472,49 @@ class MAMLPlusPlus(MAML):
 
 
 class Reptile(MetaLearner):
-    """Reptile (Nichol et al. 2018): move the initialization towards the mean of the adapted parameters."""
+    """Reptile (Nichol et al. 2018): move the initialization towards the mean of the adapted parameters.
+
+    ``inner_state: persistent`` keeps Reptile's code's one Adam state (:class:`InnerState`): in training the tasks
+    of a meta-batch adapt one after another, each starting from the state the previous one left, and the state runs
+    on across meta-iterations (checkpointed with the run); every evaluation episode starts from the state reached
+    so far and does not pass it on.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self.adam_state = InnerState.fresh()  # used with inner_state: persistent only
+
+    @property
+    def persistent(self) -> bool:
+        return self.config.inner_state == "persistent"
+
+    def inner_start_state(self) -> InnerState | None:
+        return self.adam_state.to(self.device) if self.persistent else None
+
+    def adapt_in_sequence(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, config: InnerConfig) -> Params:
+        """Adapt the tasks one after another, the inner Adam state passed from each task to the next and kept
+        for the next meta-iteration (``[T, *shape]`` adapted parameters, as ``adapt_tasks``)."""
+        state = self.inner_start_state()
+        per_task = []
+        for x, y in zip(sx, sy):
+            adapted, state = adapt_with_state(params, self.task_loss, x, y, config, state=state)
+            per_task.append(adapted)
+        assert state is not None
+        self.adam_state = state.detached()
+        return {k: torch.stack([a[k] for a in per_task]) for k in params}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.persistent:
+            state = self.adam_state.to("cpu")
+            checkpoint["metabench_inner_state"] = {"m": state.m, "v": state.v, "count": state.count}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("metabench_inner_state")
+        if saved is not None:
+            self.adam_state = InnerState(dict(saved["m"]), dict(saved["v"]), int(saved["count"]))
 
     def inner_minibatches(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split each task's support set into ``inner_steps`` minibatches of ``inner_batch`` images, cycling
@@ -466,8 +533,12 @@ class Reptile(MetaLearner):
         if self.config.inner_batch is not None:
             sx, sy = self.inner_minibatches(sx, sy)
             config = dataclasses.replace(config, per_step_batches=True)
-        engine = self._resolve_engine(lambda e: adapt_tasks(params, self.task_loss, sx, sy, config, e))
-        adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine)
+        start = self.inner_start_state()
+        engine = self._resolve_engine(lambda e: adapt_tasks(params, self.task_loss, sx, sy, config, e, state=start))
+        if self.persistent:  # exactness: each task starts from the state the previous one left
+            adapted = self.adapt_in_sequence(params, sx, sy, config)
+        else:
+            adapted = adapt_tasks(params, self.task_loss, sx, sy, config, engine)
         with torch.no_grad():
             outputs = task_outputs(self.backbone, adapted, qx, engine)
             loss = self.problem.loss(outputs.flatten(0, 1), qy.flatten(0, 1))  # equal-sized tasks: the task mean

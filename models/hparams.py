@@ -30,6 +30,10 @@ BN_MODES = ("transductive", "non-transductive")
 INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
 ENGINES = ("auto", *INNER_ENGINES)  # algorithm.engine: "auto" times INNER_ENGINES' candidates on the first step
 INNER_OPTIMIZERS = ("sgd", "adam")
+# algorithm.inner_state: "per_task" gives every task a fresh inner-optimizer state; "persistent" (Reptile's code) keeps
+# one Adam state that runs on from task to task and across meta-iterations in training, and that each evaluation
+# episode starts from without carrying it to the next episode.
+INNER_STATES = ("per_task", "persistent")
 # MAML++'s five changes, each an AlgorithmConfig switch (off = MAML's behaviour): multi-step loss, learned per-layer
 # per-step inner rates, per-step batch norm, derivative-order annealing (epochs of first order), cosine annealing.
 MAMLPP_SWITCHES = ("msl", "lslr", "per_step_bn", "first_order_epochs", "cosine_annealing")
@@ -100,9 +104,20 @@ class AlgorithmConfig:
     # The MAML code adapts on sum(cross-entropy) / K over the N*K support images, i.e. N x the mean loss:
     # its alpha = 0.4 (5-way) is a step of 2.0 on the mean. Presets set this to N to match the paper exactly.
     inner_loss_scale: float = 1.0
+    # The adaptation loss sums the per-image losses of its batch instead of averaging them (x inner_loss_scale):
+    # TensorFlow's ``minimize`` of a per-example loss vector, as Reptile's code calls it. A fresh Adam state is blind
+    # to the loss's scale; a persistent one is not, since its second moment carries the training batches' scale
+    # (10 images) into the evaluation steps (5 images).
+    inner_loss_sum: bool = False
     # Reptile: each inner step uses a minibatch of this many support images, cycling through the shuffled
     # support set (the paper's "inner batch"); None = every step on the whole support set.
     inner_batch: int | None = None
+    # Evaluation: each of the eval_steps adaptation steps uses a minibatch of this many support images, drawn as
+    # Reptile's code draws them (supervised_reptile/reptile.py _mini_batches: the support set shuffled anew for every
+    # pass, minibatches cut in order and running on across passes; "--eval-batch"); None = the whole support set.
+    eval_inner_batch: int | None = None
+    # Where the inner optimizer's state lives (INNER_STATES): "persistent" needs inner_optimizer adam and reptile.
+    inner_state: str = "per_task"
     # MAML/FOMAML: back-propagate the meta-loss this many tasks at a time (same gradient, peak memory of one
     # chunk instead of the whole meta-batch); None = the whole meta-batch at once.
     task_chunk: int | None = None
@@ -153,14 +168,21 @@ class AlgorithmConfig:
             raise ValueError(f"unknown algorithm {self.name!r}; known: {', '.join(ALGORITHMS)}")
         if self.name == "anil" and self.adapt is None:
             self.adapt = [ANIL_HEAD]  # ANIL is MAML whose inner loop adapts the head only
-        for key, options in (("bn_mode", BN_MODES), ("engine", ENGINES), ("inner_optimizer", INNER_OPTIMIZERS)):
+        for key, options in (("bn_mode", BN_MODES), ("engine", ENGINES), ("inner_optimizer", INNER_OPTIMIZERS),
+                             ("inner_state", INNER_STATES)):
             if getattr(self, key) not in options:
                 raise ValueError(f"algorithm.{key} must be one of {', '.join(options)}, got {getattr(self, key)!r}")
         for key in ("meta_batch", "inner_steps", "eval_steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
-        if self.inner_batch is not None and self.inner_batch <= 0:
-            raise ValueError(f"algorithm.inner_batch must be positive, got {self.inner_batch}")
+        for key in ("inner_batch", "eval_inner_batch"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"algorithm.{key} must be positive or null, got {getattr(self, key)}")
+        if self.inner_state == "persistent":
+            if self.name != "reptile":  # the meta-gradient learners' tasks are independent by construction
+                raise ValueError(f"algorithm.inner_state=persistent is supported by reptile only, not by {self.name}")
+            if self.inner_optimizer != "adam":
+                raise ValueError("algorithm.inner_state=persistent needs inner_optimizer adam: SGD keeps no state")
         if self.task_chunk is not None and self.task_chunk <= 0:
             raise ValueError(f"algorithm.task_chunk must be positive or null, got {self.task_chunk}")
         if self.adapt is not None:

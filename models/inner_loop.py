@@ -80,6 +80,36 @@ class InnerConfig:
             raise ValueError(f"unknown inner optimizer {self.optimizer!r}; known: {', '.join(INNER_OPTIMIZERS)}")
 
 
+@dataclass(frozen=True)
+class InnerState:
+    """An Adam inner optimizer's state carried from one adaptation into the next (Reptile's code keeps one).
+
+    Attributes:
+        m, v: Adam's first and second moments per adapted parameter (an absent name means zero, i.e. fresh).
+        count: Adam updates applied so far; the next update's bias corrections use ``count + 1``.
+
+    ``supervised_reptile`` builds ONE ``tf.train.AdamOptimizer(beta1=0)`` and restores only the trainable variables
+    after each task, so its moments and update counter run on across tasks and meta-iterations; evaluation restores
+    every variable after each episode, so each test episode starts from the state training ended with.
+    """
+
+    m: Params
+    v: Params
+    count: int = 0
+
+    @staticmethod
+    def fresh() -> InnerState:
+        return InnerState({}, {}, 0)
+
+    def detached(self) -> InnerState:
+        return InnerState({k: t.detach() for k, t in self.m.items()}, {k: t.detach() for k, t in self.v.items()},
+                          self.count)
+
+    def to(self, device: torch.device | str) -> InnerState:
+        return InnerState({k: t.to(device) for k, t in self.m.items()}, {k: t.to(device) for k, t in self.v.items()},
+                          self.count)
+
+
 class FunctionalLoss:
     """A :data:`TaskLoss` made of a model and an output loss; keeps both so the "batched" engine can reach the
     model's ``batched_forward`` and apply the output loss per task."""
@@ -152,7 +182,7 @@ def with_step_params(adapted: Params, step_params: Params | None, steps: int) ->
 
 def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: InnerConfig,
           lrs: Lrs | None = None, step_params: Params | None = None,
-          trajectory: bool = False) -> Params | list[Params]:
+          trajectory: bool = False, state: InnerState | None = None) -> Params | list[Params]:
     """Adapt ``params`` to ONE task (support ``x``, ``y``) with ``config.steps`` gradient steps.
 
     Pure: returns new tensors, never touches ``params``. With ``first_order=False`` the result is
@@ -161,10 +191,20 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
     sizes replacing ``config.lr`` (Meta-SGD), or one dict per step (LSLR); the result is differentiable w.r.t.
     them in both modes. ``step_params``: per-step, non-adapted parameters (row ``i - 1`` at step ``i``; see the
     module docstring). ``trajectory``: return the list of the parameters after each step instead of the last.
+    ``state``: the Adam state to start from (None: fresh); :func:`adapt_with_state` also returns the state after.
     """
+    return adapt_with_state(params, task_loss, x, y, config, lrs, step_params, trajectory, state)[0]
+
+
+def adapt_with_state(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: InnerConfig,
+                     lrs: Lrs | None = None, step_params: Params | None = None, trajectory: bool = False,
+                     state: InnerState | None = None) -> tuple[Params | list[Params], InnerState]:
+    """:func:`adapt`, starting the inner optimizer from ``state`` and returning its state after the last step
+    (Reptile's persistent Adam state: the next task starts where this one ended)."""
     grad_fn = grad(task_loss)
-    m: Params = {}
-    v: Params = {}
+    start = state or InnerState.fresh()
+    m: Params = dict(start.m)
+    v: Params = dict(start.v)
     path: list[Params] = []
     for step in range(1, config.steps + 1):
         xi, yi = (x[step - 1], y[step - 1]) if config.per_step_batches else (x, y)
@@ -176,15 +216,17 @@ def adapt(params: Params, task_loss: TaskLoss, x: Tensor, y: Tensor, config: Inn
                 grads = grad_fn(params, xi, yi)
         else:
             grads = grad_fn(params, xi, yi)
-        params = _inner_update(params, grads, m, v, step, config, _lrs_at(lrs, step))
+        params = _inner_update(params, grads, m, v, start.count + step, config, _lrs_at(lrs, step))
         if trajectory:
             path.append(params)
-    return path if trajectory else params
+    return (path if trajectory else params), InnerState(m, v, start.count + config.steps)
 
 
 def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig,
                   lrs: Params | None = None) -> Params:
     """One inner step (SGD, or Adam with state ``m``, ``v`` updated in the dicts; empty dicts mean zero state).
+
+    ``step`` is Adam's update count including this one (its bias corrections); 1 for a fresh state's first step.
 
     ``lrs[k]`` (shape of the parameter, or anything that broadcasts to it: a 0-dim LSLR rate) replaces ``config.lr``
     for parameter ``k``; it broadcasts over a leading task dim, so the "batched" engine's ``[T, *shape]``
@@ -196,6 +238,8 @@ def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int
         # One fused op (and one in the backward) instead of mul + sub (+ neg): these are the largest tensors of a
         # batched meta-step ([T, *shape]); what it bought is in benchmarks/README.md.
         return {k: torch.add(p, grads[k], alpha=-config.lr) for k, p in params.items()}
+    if lrs is None and _plain_tensors(params, grads, m, v):
+        return _adam_foreach(params, grads, m, v, step, config)
     beta1, beta2 = config.adam_betas
     new_params = {}
     for k, p in params.items():
@@ -209,17 +253,50 @@ def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int
     return new_params
 
 
+def _plain_tensors(params: Params, grads: Params, m: Params, v: Params) -> bool:
+    """Whether an Adam step may run on ``torch._foreach_*`` ops: nothing to differentiate (first order), no
+    functorch wrapper (the "vmap" engine), and every moment already of its gradient's shape (no broadcasting)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*params.values(), *grads.values())):
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(g) for g in grads.values()):
+        return False
+    return all(not state or (set(state) == set(grads) and all(state[k].shape == g.shape for k, g in grads.items()))
+               for state in (m, v))
+
+
+def _adam_foreach(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig) -> Params:
+    """The Adam step of :func:`_inner_update` on lists of tensors: the same operations in the same order (so the
+    same bits), one call per operation instead of one per parameter; a first-order adaptation (Reptile's 25 small
+    steps per meta-step) was dominated by the per-tensor calls."""
+    beta1, beta2 = config.adam_betas
+    keys = list(params)
+    g = [grads[k] for k in keys]
+    new_m = torch._foreach_mul(g, 1.0 - beta1)
+    if m:  # every parameter has its moments, or none has (see _plain_tensors)
+        new_m = torch._foreach_add(torch._foreach_mul([m[k] for k in keys], beta1), new_m)
+    new_v = torch._foreach_mul(torch._foreach_mul(g, 1.0 - beta2), g)
+    if v:
+        new_v = torch._foreach_add(torch._foreach_mul([v[k] for k in keys], beta2), new_v)
+    m.update(zip(keys, new_m))
+    v.update(zip(keys, new_v))
+    m_hat = torch._foreach_div(new_m, 1.0 - beta1**step)
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(new_v, 1.0 - beta2**step)), config.adam_eps)
+    updates = torch._foreach_div(torch._foreach_mul(m_hat, config.lr), denom)
+    return dict(zip(keys, torch._foreach_sub([params[k] for k in keys], updates)))
+
+
 def _batched_ok(task_loss: TaskLoss, params: Params) -> bool:
     return isinstance(task_loss, FunctionalLoss) and supports_batched(task_loss.model, params)
 
 
 def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
                   lrs: Lrs | None = None, step_params: Params | None = None,
-                  trajectory: bool = False) -> Params | list[Params]:
+                  trajectory: bool = False, state: InnerState | None = None) -> Params | list[Params]:
     """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engine).
 
-    ``params`` (and ``lrs``, ``step_params``) are shared ``[*shape]``; returns ``[T, *shape]`` (or, with
-    ``trajectory``, the list of them after each step). Each step runs ``batched_forward`` once and takes ONE
+    ``params`` (and ``lrs``, ``step_params``, ``state``: every task starts from it) are shared ``[*shape]``; returns
+    ``[T, *shape]`` (or, with ``trajectory``, the list of them after each step). Each step runs ``batched_forward``
+    once and takes ONE
     ``torch.autograd.grad`` of the summed task losses w.r.t. the per-task parameters: the tasks share no
     computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
     """
@@ -231,8 +308,9 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
     second_order = not config.first_order and torch.is_grad_enabled() and any(
         t.requires_grad for t in (*params.values(), *lr_tensors(lrs), *(step_params or {}).values()))
     current = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
-    m: Params = {}
-    v: Params = {}
+    start = state or InnerState.fresh()
+    m: Params = dict(start.m)  # shared [*shape] moments broadcast against the [T, *shape] gradients
+    v: Params = dict(start.v)
     path: list[Params] = []
     for step in range(1, config.steps + 1):
         xi, yi = (xs[:, step - 1], ys[:, step - 1]) if config.per_step_batches else (xs, ys)
@@ -246,7 +324,8 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
             total = per_task_loss(model.batched_forward(with_frozen(model, inputs, tasks), xi), yi).sum()
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
                                         allow_unused=True, materialize_grads=True)
-        current = _inner_update(current, dict(zip(leaves, grads)), m, v, step, config, _lrs_at(lrs, step))
+        current = _inner_update(current, dict(zip(leaves, grads)), m, v, start.count + step, config,
+                                _lrs_at(lrs, step))
         if trajectory:
             path.append(current)
     if trajectory:
@@ -276,22 +355,24 @@ def _check_inner_args(params: Params, config: InnerConfig, lrs: Lrs | None, step
 
 def adapt_tasks(params: Params, task_loss: TaskLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
                 engine: str = "vmap", lrs: Lrs | None = None, step_params: Params | None = None,
-                trajectory: bool = False) -> Params | list[Params]:
+                trajectory: bool = False, state: InnerState | None = None) -> Params | list[Params]:
     """Adapt ``params`` to each task of a meta-batch: ``xs [T, n, ...]``, ``ys [T, n, ...]``.
 
     ``lrs``: per-entry inner step sizes shared by the tasks (Meta-SGD), or one dict per step (LSLR), else
     ``config.lr``. ``step_params``: per-step non-adapted parameters, shared by the tasks (MAML++'s batch norm).
+    ``state``: the Adam state EVERY task starts from (None: fresh); the tasks do not pass it on to each other.
     Returns adapted parameters with a leading task dim ``[T, *shape]``; with ``trajectory``, the list of them
     after each inner step (MAML++'s multi-step loss).
     """
     _check_engine(engine)
     _check_inner_args(params, config, lrs, step_params)
     if engine == "vmap":
-        return vmap(adapt, in_dims=(None, None, 0, 0, None, None, None, None))(params, task_loss, xs, ys, config,
-                                                                               lrs, step_params, trajectory)
+        return vmap(adapt, in_dims=(None, None, 0, 0, None, None, None, None, None))(
+            params, task_loss, xs, ys, config, lrs, step_params, trajectory, state)
     if engine == "batched" and _batched_ok(task_loss, params):
-        return adapt_batched(params, task_loss, xs, ys, config, lrs, step_params, trajectory)  # type: ignore[arg-type]
-    per_task = [adapt(params, task_loss, x, y, config, lrs, step_params, trajectory) for x, y in zip(xs, ys)]
+        return adapt_batched(params, task_loss, xs, ys, config, lrs, step_params, trajectory,  # type: ignore[arg-type]
+                             state)
+    per_task = [adapt(params, task_loss, x, y, config, lrs, step_params, trajectory, state) for x, y in zip(xs, ys)]
     if trajectory:
         return [{k: torch.stack([p[i][k] for p in per_task]) for k in params} for i in range(config.steps)]
     return {k: torch.stack([p[k] for p in per_task]) for k in params}
@@ -380,6 +461,15 @@ def meta_backward(model: nn.Module, params: Params, task_loss_fn: Callable[[Tens
         total = total + loss.detach() * weight
         outputs.append(out)
     return total, torch.cat(outputs)
+
+
+def minibatch_rows(n: int, steps: int, size: int, generator: torch.Generator) -> Tensor:
+    """Support-set rows ``[steps, size]`` for ``steps`` minibatch steps of ``size`` images out of ``n``, drawn as
+    Reptile's code draws them without replacement (supervised_reptile/reptile.py ``_mini_batches``): shuffle, cut
+    minibatches in order, shuffle anew when a pass is used up; a minibatch may straddle two passes."""
+    passes = -(-steps * size // n)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(passes)])
+    return order[:steps * size].reshape(steps, size)
 
 
 @torch.no_grad()

@@ -65,7 +65,18 @@ def test_train_spec_can_differ() -> None:
     assert next(iter(dm.test_dataloader())).support_x.shape[1] == 5
 
 
-@pytest.mark.parametrize("kwargs", [{"val_episodes": 0}, {"test_episodes": -1}, {"eval_batch": 0}])
+@pytest.mark.parametrize("kwargs", [{"val_episodes": -1}, {"test_episodes": -1}, {"eval_batch": 0}])
 def test_bad_sizes_rejected(kwargs) -> None:
     with pytest.raises(ValueError, match="must be positive"):
         module(**kwargs)
+
+
+def test_no_validation_episodes_means_no_validation_split_is_read() -> None:
+    """``val_episodes: 0`` (Reptile's Omniglot split holds no validation characters): the val split is never
+    loaded and Lightning gets no validation batches."""
+    loaded = []
+    dm = module(val_episodes=0)
+    original = dm.load_split
+    dm.load_split = lambda name: loaded.append(name) or original(name)
+    dm.setup("fit")
+    assert not dm.validates and dm.val_dataloader() == [] and "val" not in loaded

@@ -193,10 +193,15 @@ def test_test_ignores_the_training_runs_validation_and_checkpoint_cadence(tmp_pa
     """A run trained with --set trainer.val_every / trainer.checkpoint_every is tested without repeating them (the
     flagship run's case): they change neither the weights nor the test; what was trained is still checked."""
     from metabench.config import ConfigError
-    from metabench.runner import check_test_overrides
+    from metabench.runner import check_test_overrides, with_training_shape
 
     saved = tiny_config(tmp_path, "maml", extra=["trainer.val_every=2500", "trainer.checkpoint_every=500"]).to_dict()
-    check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["episodes.queries=1"]))
+    # test_run first fills the training episode shape the tested config leaves null with the run's own (15 queries)
+    one_query = tiny_config(tmp_path, "maml", extra=["episodes.queries=1"])
+    check_test_overrides(saved, with_training_shape(one_query, saved))
+    assert with_training_shape(one_query, saved).episodes.train_queries == 15
+    with pytest.raises(ConfigError, match="episodes.train_queries"):  # unfilled, it would claim training on 1
+        check_test_overrides(saved, one_query)
     with pytest.raises(ConfigError, match="algorithm.inner_lr"):
         check_test_overrides(saved, tiny_config(tmp_path, "maml", extra=["algorithm.inner_lr=0.1"]))
 
