@@ -183,6 +183,31 @@ def test_verdict_rules() -> None:
     assert verdict(99.47, 0.1, no_ci) == REPRODUCED and verdict(99.3, 0.1, no_ci) == BELOW
 
 
+def test_verdict_boundaries() -> None:
+    """Each verdict's boundary, on numbers exact in binary (paper 98.5 ± 0.25: lower end 98.25), so that "at the
+    boundary" is exact: ``>=`` in either rule turned into ``>`` fails here."""
+    paper = PaperResult("b", "maml", "conv4", "transductive", "maml", 1, 98.5, 0.25, "P", "1", "T", "r")
+    low = 98.25
+    below_low = math.nextafter(low, 0.0)
+    # reproduced: our mean at the paper's lower end, or anywhere above (also above its upper end)
+    assert verdict(low, 0.0, paper) == REPRODUCED
+    assert verdict(low, float("nan"), paper) == REPRODUCED
+    assert verdict(99.75, 0.5, paper) == REPRODUCED
+    # just under the lower end: the CIs decide. Touching (our upper end = the paper's lower end) overlaps ...
+    assert verdict(98.0, 0.25, paper) == OVERLAP
+    assert verdict(below_low, 0.0, paper) == BELOW  # no CI of ours: a point just outside the paper's interval
+    assert verdict(below_low, 1e-12, paper) == OVERLAP
+    # ... a hair short of touching is below (2**-40: more than the spacing of floats near 98, so the sum is short)
+    assert verdict(98.0, 0.25 - 2**-40, paper) == BELOW
+    assert verdict(98.0, float("nan"), paper) == BELOW  # an unknown CI of ours counts as 0
+    # a paper without a CI: its mean is the boundary
+    no_ci = PaperResult("b", "mamlpp", "conv4", "transductive", "maml", 1, 98.5, None, "P", "1", "T", "r")
+    assert verdict(98.5, 0.0, no_ci) == REPRODUCED
+    assert verdict(98.25, 0.25, no_ci) == OVERLAP
+    assert verdict(98.25, 0.25 - 2**-40, no_ci) == BELOW
+    assert verdict(98.25, 0.25, None) == NO_PAPER
+
+
 # -- paper numbers ------------------------------------------------------------------------------------------
 
 def test_paper_numbers_as_published() -> None:
