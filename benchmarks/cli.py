@@ -467,10 +467,25 @@ def _add_bench_speed(bench: Subparsers) -> None:
 
 # -- leaderboard --------------------------------------------------------------------------------------------
 
+LEADERBOARD_RECORDS, LEADERBOARD_OUT = "results/records", "results"
+
+
+def readme_target(args: argparse.Namespace) -> str | None:
+    """The README whose reproductions block ``metabench leaderboard`` rewrites: ``--readme``; none with
+    ``--no-readme``; by default ``README.md`` of the current folder when the records and output folders are the
+    defaults (the repository's own leaderboard) and that file exists."""
+    if args.no_readme:
+        return None
+    if args.readme:
+        return args.readme
+    defaults = (args.records, args.out) == (LEADERBOARD_RECORDS, LEADERBOARD_OUT)
+    return "README.md" if defaults and Path("README.md").is_file() else None
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from metabench.leaderboard import make_leaderboard
 
-    result = make_leaderboard(args.records, args.out)
+    result = make_leaderboard(args.records, args.out, readme=readme_target(args))
     for problem in result.problems:
         print(f"metabench: skipped {problem}", file=sys.stderr)
     for path in result.paths:
@@ -478,16 +493,21 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.wandb:
         from metabench.wandb_logging import log_leaderboard
 
-        log_leaderboard(result.tables, result.paths[2])
+        log_leaderboard(result.tables, result.paths[2], reproductions=result.reproductions)
     return result.exit_status
 
 
 def add_leaderboard(sub: Subparsers) -> None:
-    p = sub.add_parser("leaderboard", help="records -> LEADERBOARD.md, leaderboard.csv, leaderboard.html; "
-                                           "exit 1 if a record file was skipped")
-    p.add_argument("--records", default="results/records", help="folder of run records (*.json)")
-    p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--wandb", action="store_true", help="also log the table and the page to W&B")
+    p = sub.add_parser("leaderboard", help="records -> LEADERBOARD.md, leaderboard.csv, leaderboard.html and the "
+                                           "README's reproductions block; exit 1 if a record file was skipped")
+    p.add_argument("--records", default=LEADERBOARD_RECORDS, help="folder of run records (*.json)")
+    p.add_argument("--out", default=LEADERBOARD_OUT, help="output folder")
+    readme = p.add_mutually_exclusive_group()
+    readme.add_argument("--readme", metavar="PATH",
+                        help="rewrite the block between <!-- reproductions:begin --> and <!-- reproductions:end --> "
+                             "of this file (default: ./README.md when --records and --out are the defaults)")
+    readme.add_argument("--no-readme", action="store_true", help="leave every README alone")
+    p.add_argument("--wandb", action="store_true", help="also log the tables and the page to W&B")
     p.set_defaults(func=cmd_leaderboard)
 
 

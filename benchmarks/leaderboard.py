@@ -17,18 +17,22 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from metabench.atomic import atomic_write_bytes
 from metabench.records import Record, RecordError, read_record
 from metabench.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
+
+if TYPE_CHECKING:
+    from metabench.reproductions import Reproduction
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 
@@ -94,13 +98,21 @@ class PaperResult:
     arxiv: str
     table: str
     row: str
+    # Where the docs project that this cell's protocol needs a GPU (not run on the CPU for that reason); None
+    # when no projection says so.
+    needs_gpu: str | None = None
+
+    @property
+    def author_year(self) -> str:
+        """First author and year, e.g. "Finn 2017"."""
+        first = self.paper.split(",")[0].split(".")[0].strip()
+        year = next((w.strip(".") for w in reversed(self.paper.split()) if w.strip(".").isdigit()), "")
+        return f"{first} {year}"
 
     @property
     def source(self) -> str:
         """Short citation: first author, year, arXiv id and table."""
-        first = self.paper.split(",")[0].split(".")[0].strip()
-        year = next((w.strip(".") for w in reversed(self.paper.split()) if w.strip(".").isdigit()), "")
-        return f"{first} {year}, arXiv:{self.arxiv}, {self.table}"
+        return f"{self.author_year}, arXiv:{self.arxiv}, {self.table}"
 
     @property
     def test_protocol(self) -> str:
@@ -120,6 +132,7 @@ class PaperResult:
 
 _PAPER_KEYS = ("benchmark", "algorithm", "backbone", "protocol", "split", "test_queries", "mean", "ci95", "source",
                "table", "row")
+_OPTIONAL_PAPER_KEYS = ("needs_gpu",)
 
 
 def queries_text(queries: int) -> str:
@@ -141,14 +154,18 @@ def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
     seen: set[tuple[Any, ...]] = set()
     for i, entry in enumerate(data["results"]):
         where = f"{path.name}: results[{i}]"
-        if not isinstance(entry, dict) or sorted(entry) != sorted(_PAPER_KEYS):
-            raise ValueError(f"{where}: expected exactly the keys {', '.join(_PAPER_KEYS)}")
+        if not isinstance(entry, dict) or not set(_PAPER_KEYS) <= set(entry) <= {*_PAPER_KEYS, *_OPTIONAL_PAPER_KEYS}:
+            raise ValueError(f"{where}: expected the keys {', '.join(_PAPER_KEYS)} and optionally "
+                             f"{', '.join(_OPTIONAL_PAPER_KEYS)}")
         source = entry["source"]
         if not isinstance(source, dict) or not {"paper", "arxiv"} <= set(source):
             raise ValueError(f"{where}: source needs paper and arxiv")
         ci = entry["ci95"]
         if not isinstance(entry["mean"], (int, float)) or not (ci is None or isinstance(ci, (int, float))):
             raise ValueError(f"{where}: mean and ci95 must be numbers (ci95 may be null)")
+        needs_gpu = entry.get("needs_gpu")
+        if not (needs_gpu is None or (isinstance(needs_gpu, str) and needs_gpu.strip())):
+            raise ValueError(f"{where}: needs_gpu must be a non-empty text (where the docs project it)")
         queries = entry["test_queries"]
         if not (queries is None or (isinstance(queries, int) and queries > 0)):
             raise ValueError(f"{where}: test_queries must be a positive integer or null")
@@ -161,7 +178,7 @@ def load_paper_results(path: str | Path = PAPER_RESULTS) -> list[PaperResult]:
                                split=None if entry["split"] is None else str(entry["split"]), test_queries=queries,
                                mean=float(entry["mean"]), ci95=None if ci is None else float(ci),
                                paper=str(source["paper"]), arxiv=str(source["arxiv"]), table=str(entry["table"]),
-                               row=str(entry["row"])))
+                               row=str(entry["row"]), needs_gpu=needs_gpu))
     return out
 
 
@@ -282,6 +299,7 @@ class Row:
     tasks_per_second: float = float("nan")
     devices: list[str] = field(default_factory=list)
     curves: list[list[list[float]]] = field(default_factory=list)
+    configs: list[dict[str, Any]] = field(default_factory=list, repr=False)  # each record's config, by seed
     paper: PaperResult | None = None
     best: bool = False
     tied: bool = False  # not significantly worse than the best (bold)
@@ -365,7 +383,19 @@ def _row_from_records(key: tuple[str, str, str, str, str], named: list[tuple[str
                training_steps=avg("training_steps"), train_seconds=avg("train_seconds"),
                eval_seconds=avg("eval_seconds"), tasks_per_second=avg("tasks_per_second"),
                devices=sorted({r.device for r in records}), curves=[r.curve for r in records if r.curve],
-               paper=paper)
+               configs=[r.config for r in records], paper=paper)
+
+
+def _table_order(table: BenchmarkTable, papers: Sequence[PaperResult]) -> tuple[Any, ...]:
+    """Sections in reading order: the paper benchmarks first (in the order ``paper_results.yaml`` names them:
+    Omniglot, then mini-ImageNet), then other classification benchmarks (synthetic), then the rest
+    (segmentation); within one benchmark by batch-norm mode and queries per class."""
+    published = [p.benchmark for p in papers]
+    if table.benchmark in published:
+        group: tuple[int, int] = (0, published.index(table.benchmark))
+    else:
+        group = (1, 0) if table.metric == "accuracy" else (2, 0)
+    return (*group, table.benchmark, table.bn_mode, table.queries)
 
 
 def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperResult] = ()) -> list[BenchmarkTable]:
@@ -374,6 +404,7 @@ def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperRe
     A paper number goes to the row whose benchmark, algorithm, backbone family and test protocol it matches
     (:meth:`PaperResult.matches`); an unmatched number of the benchmark is listed once as a *paper only* row,
     in the table of its batch-norm mode with its queries per class if there is one, else the first of that mode.
+    Tables come in reading order (:func:`_table_order`).
     """
     by_table: dict[tuple[str, str, int], dict[tuple[str, ...], list[tuple[str, Record]]]] = defaultdict(
         lambda: defaultdict(list))
@@ -406,6 +437,7 @@ def build_tables(records: Sequence[tuple[str, Record]], papers: Sequence[PaperRe
         tables.append(BenchmarkTable(benchmark=benchmark, protocol=rows[0].protocol, metric=" / ".join(metric_names),
                                      reference_digest=reference, rows=ranked, other_rows=others, paper_rows=[],
                                      extra_metrics=extra))
+    tables.sort(key=lambda t: _table_order(t, papers))
     for paper in sorted(set(papers) - matched, key=lambda p: (-p.mean, p.algorithm, p.backbone, p.test_protocol)):
         same_mode = [t for t in tables if t.benchmark == paper.benchmark and t.bn_mode == paper.protocol]
         home = next((t for t in same_mode if t.queries == paper.test_queries), same_mode[0] if same_mode else None)
@@ -441,9 +473,16 @@ def ours_text(row: Row) -> str:
 
 
 def paper_text(row: Row) -> str:
-    if row.paper is None:
-        return "—"
-    return f"{row.paper.mean:g}" + ("" if row.paper.ci95 is None else f" ± {row.paper.ci95:g}")
+    return "—" if row.paper is None else published_text(row.paper)
+
+
+def published_text(paper: PaperResult) -> str:
+    """A published number as printed: "98.7 ± 0.4", or "99.47" without a CI."""
+    return f"{paper.mean:g}" + ("" if paper.ci95 is None else f" ± {paper.ci95:g}")
+
+
+def delta_text(delta: float | None) -> str:
+    return "—" if delta is None else f"{delta:+.2f}"
 
 
 def vs_best_text(row: Row) -> str:
@@ -459,6 +498,17 @@ def vs_best_text(row: Row) -> str:
     return f"{word} (Δ 95% [{100 * test.interval[0]:.2f}, {100 * test.interval[1]:.2f}])"
 
 
+def vs_best_rank(row: Row) -> float | None:
+    """Sort key of the *vs best* column, ascending: the best, then the most tied, then the clearly worse."""
+    if row.best:
+        return 0.0
+    if row.test is None:
+        return None
+    if row.test.p_value is not None:
+        return 1 - row.test.p_value
+    return 0.5 if row.test.tied else 1.0
+
+
 def steps_text(row: Row) -> str:
     return "—" if math.isnan(row.training_steps) else f"{row.training_steps:.0f}"
 
@@ -467,46 +517,96 @@ def runs_text(row: Row) -> str:
     return "—" if row.paper_only else f"{len(row.seeds)}/{row.runs}"
 
 
-def columns(table: BenchmarkTable) -> list[str]:
-    """Column headings shared by the Markdown and HTML tables."""
-    return (["algorithm", "backbone", "preset", f"ours {table.metric} % (95% CI)", "random init %"]
-            + [f"{m} %" for m in table.extra_metrics]
-            + ["seeds/runs", "episodes", "digest", "paper % (95% CI)", "source", "Δ paper", "verdict",
-               "vs best", "steps", "train s", "test s", "tasks/s", "device"])
+def _ours(row: Row, value: float) -> float | None:
+    return None if row.paper_only or math.isnan(value) else value
 
 
-def cells(table: BenchmarkTable, row: Row) -> list[str]:
-    """One row's cells, in :func:`columns` order (plain text)."""
-    ours = not row.paper_only
-    return ([row.label, row.backbone or "—", row.preset or "—", ours_text(row), pct(row.random_init)]
-            + [pct(row.metrics.get(m)) if ours else "—" for m in table.extra_metrics]
-            + [runs_text(row), str(row.episodes) if ours else "—", row.digest[:12] if ours else "—",
-               paper_text(row), row.paper.source if row.paper else "—",
-               "—" if row.delta is None else f"{row.delta:+.2f}", row.verdict, vs_best_text(row),
-               steps_text(row), fmt(row.train_seconds, 1), fmt(row.eval_seconds, 1), fmt(row.tasks_per_second, 1),
-               "; ".join(row.devices) or "—"])
+@dataclass(frozen=True)
+class Column:
+    """One column of a benchmark table: its heading, a row's text and, for a numeric column, the number it sorts
+    by (None: missing). ``wrap``: long text the HTML table may break over lines (the rest never wraps)."""
+
+    heading: str
+    text: Callable[[Row], str]
+    number: Callable[[Row], float | None] | None = None
+    wrap: bool = False
+
+
+def _key_columns() -> list[Column]:
+    """What names a row: the first columns of both the main and the details table."""
+    return [Column("algorithm", lambda r: r.label, wrap=True), Column("backbone", lambda r: r.backbone or "—"),
+            Column("preset", lambda r: r.preset or "—")]
+
+
+def main_columns(table: BenchmarkTable) -> list[Column]:
+    """What a reader compares, in view: ours, random init, the paper, Δ, the verdict and the test against the best."""
+    return _key_columns() + [
+        Column(f"ours {table.metric} % (95% CI)", ours_text, lambda r: _ours(r, 100 * r.mean)),
+        Column("random init %", lambda r: pct(r.random_init), lambda r: _ours(r, 100 * r.random_init)),
+        Column("paper % (95% CI)", paper_text, lambda r: None if r.paper is None else r.paper.mean),
+        Column("Δ paper", lambda r: delta_text(r.delta), lambda r: r.delta),
+        Column("verdict", lambda r: r.verdict),
+        Column("vs best", vs_best_text, vs_best_rank),
+    ]
+
+
+def detail_columns(table: BenchmarkTable) -> list[Column]:
+    """The rest of each row: extra metrics, seeds, episodes, digest, the paper's source, steps, times, device."""
+    def metric(name: str) -> Column:
+        return Column(f"{name} %", lambda r: "—" if r.paper_only else pct(r.metrics.get(name)),
+                      lambda r: None if r.paper_only or name not in r.metrics else 100 * r.metrics[name])
+
+    return _key_columns() + [metric(m) for m in table.extra_metrics] + [
+        Column("seeds/runs", runs_text, lambda r: None if r.paper_only else float(r.runs)),
+        Column("episodes", lambda r: "—" if r.paper_only else str(r.episodes),
+               lambda r: None if r.paper_only else float(r.episodes)),
+        Column("digest", lambda r: "—" if r.paper_only else r.digest[:12]),
+        Column("paper source", lambda r: r.paper.source if r.paper else "—", wrap=True),
+        Column("steps", steps_text, lambda r: _ours(r, r.training_steps)),
+        Column("train s", lambda r: fmt(r.train_seconds, 1), lambda r: _ours(r, r.train_seconds)),
+        Column("test s", lambda r: fmt(r.eval_seconds, 1), lambda r: _ours(r, r.eval_seconds)),
+        Column("tasks/s", lambda r: fmt(r.tasks_per_second, 1), lambda r: _ours(r, r.tasks_per_second)),
+        Column("device", lambda r: "; ".join(r.devices) or "—", wrap=True),
+    ]
+
+
+DETAILS_SUMMARY = "Details: seeds, episodes, digest, paper source, steps, times, device"
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _md_table(table: BenchmarkTable, rows: Sequence[Row], bold: bool) -> list[str]:
-    heads = columns(table)
+def md_table(heads: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table (cells escaped)."""
     lines = ["| " + " | ".join(_md_escape(h) for h in heads) + " |", "|" + "---|" * len(heads)]
+    return lines + ["| " + " | ".join(_md_escape(c) for c in cells) + " |" for cells in body]
+
+
+def _md_rows(table: BenchmarkTable, rows: Sequence[Row], bold: bool) -> list[str]:
+    main, details = main_columns(table), detail_columns(table)
+    body = []
     for row in rows:
-        values = [_md_escape(c) for c in cells(table, row)]
-        if bold and row.tied:
+        values = [c.text(row) for c in main]
+        if bold and row.tied:  # the algorithm and our score, as the HTML page bolds the whole row
             values[0], values[3] = f"**{values[0]}**", f"**{values[3]}**"
-        lines.append("| " + " | ".join(values) + " |")
-    return lines
+        body.append(values)
+    return (md_table([c.heading for c in main], body)
+            + ["", f"<details><summary>{DETAILS_SUMMARY}</summary>", ""]
+            + md_table([c.heading for c in details], [[c.text(r) for c in details] for r in rows])
+            + ["", "</details>"])
 
 
-def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = ()) -> str:
-    """The whole ``LEADERBOARD.md`` page."""
+def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = (),
+                    summary: Sequence[str] = ()) -> str:
+    """The whole ``LEADERBOARD.md`` page: the reproductions ``summary`` (Markdown lines) first, then one section
+    per table."""
     out = ["# metabench leaderboard", "",
            "Generated by `metabench leaderboard` from the run records in `results/records/`; do not edit by "
-           "hand.", "", "## How to read it", "", METHODS_TEXT, ""]
+           "hand.", ""]
+    if summary:
+        out += ["## Reproductions", "", *summary, ""]
+    out += ["## How to read it", "", METHODS_TEXT, ""]
     if problems:
         out += ["## Skipped record files", ""] + [f"- {_md_escape(p)}" for p in problems] + [""]
     for table in tables:
@@ -515,12 +615,12 @@ def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = 
             ref = table.rows[0]
             out += [f"Test episodes: {ref.episodes}, digest `{table.reference_digest[:12]}` "
                     f"(`{table.reference_digest}`).", ""]
-            out += _md_table(table, table.rows + table.paper_rows, bold=True) + [""]
+            out += _md_rows(table, table.rows + table.paper_rows, bold=True) + [""]
         if table.other_rows:
             out += ["**Different test episodes — not comparable** with the table above (never ranked with it):",
                     ""]
             out += [f"- `{d}`" for d in sorted({r.digest for r in table.other_rows})] + [""]
-            out += _md_table(table, table.other_rows, bold=False) + [""]
+            out += _md_rows(table, table.other_rows, bold=False) + [""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -528,34 +628,56 @@ CSV_COLUMNS = ["benchmark", "protocol", "metric", "section", "algorithm", "backb
                "ci95_pct", "random_init_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest",
                "best_or_tied",
                "vs_best", "paper_mean_pct", "paper_ci95_pct", "paper_source", "paper_row", "delta_pct", "verdict",
-               "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files"]
+               "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files", "state",
+               "command"]
 
 
-def render_csv(tables: Sequence[BenchmarkTable]) -> str:
-    """One CSV line per row of every table (ranked, not comparable, paper only)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+def _csv_row(table: BenchmarkTable | None, section: str, row: Row | None, paper: PaperResult | None,
+             state: str = "", command: str = "", metric: str = "") -> list[Any]:
+    """One CSV line: a row of a table, or (``table`` None) a reproduction (``row`` None: not run)."""
+    ours = row is not None and not row.paper_only
+    ranked = section == "ranked"
+    if table is not None:
+        where = [table.benchmark, table.protocol, table.metric]
+    else:
+        assert paper is not None
+        where = [paper.benchmark, f"{paper.protocol}, {paper.test_protocol}", metric]
+    verdict_ = "" if row is None or row.verdict == NO_PAPER else row.verdict
+    return where + [
+        section, row.algorithm if row else paper.algorithm if paper else "",
+        row.backbone if row else paper.backbone if paper else "", row.preset if row else "",
+        pct(row.mean, 4) if ours else "", pct(row.ci95, 4) if ours else "",
+        pct(row.random_init, 4) if ours and not math.isnan(row.random_init) else "",
+        ";".join(f"{k}={pct(v, 4)}" for k, v in sorted(row.metrics.items())) if row else "",
+        len(row.seeds) if ours else "", row.runs if ours else "", row.episodes if ours else "",
+        row.digest if row else "", ("yes" if row.tied else "no") if ranked and row else "",
+        vs_best_text(row) if ranked and row else "",
+        f"{paper.mean:g}" if paper else "", f"{paper.ci95:g}" if paper and paper.ci95 is not None else "",
+        paper.source if paper else "", paper.row if paper else "",
+        "" if row is None or row.delta is None else f"{row.delta:.4f}", verdict_,
+        steps_text(row) if ours else "", fmt(row.train_seconds, 3) if ours else "",
+        fmt(row.eval_seconds, 3) if ours else "", fmt(row.tasks_per_second, 3) if ours else "",
+        "; ".join(row.devices) if row else "", " ".join(row.files) if row else "", state, command]
+
+
+def csv_rows(tables: Sequence[BenchmarkTable], reproductions: Sequence[Reproduction] = ()) -> list[list[Any]]:
+    """The CSV's lines after its header, :data:`CSV_COLUMNS` each: the reproductions first (section
+    "reproduction", with their state and the commands that made our records), then every table's rows."""
+    out = [_csv_row(None, "reproduction", r.row, r.paper, r.state, " ; ".join(r.commands), r.metric)
+           for r in reproductions]
     for table in tables:
         for section, rows in (("ranked", table.rows), ("not comparable", table.other_rows),
                               ("paper only", table.paper_rows)):
-            for row in rows:
-                ours = not row.paper_only
-                paper = row.paper
-                writer.writerow([
-                    table.benchmark, table.protocol, table.metric, section, row.algorithm, row.backbone, row.preset,
-                    pct(row.mean, 4) if ours else "", pct(row.ci95, 4) if ours else "",
-                    pct(row.random_init, 4) if ours and not math.isnan(row.random_init) else "",
-                    ";".join(f"{k}={pct(v, 4)}" for k, v in sorted(row.metrics.items())),
-                    len(row.seeds) if ours else "", row.runs if ours else "", row.episodes if ours else "",
-                    row.digest, ("yes" if row.tied else "no") if section == "ranked" else "",
-                    vs_best_text(row) if section == "ranked" else "",
-                    f"{paper.mean:g}" if paper else "", f"{paper.ci95:g}" if paper and paper.ci95 is not None else "",
-                    paper.source if paper else "", paper.row if paper else "",
-                    "" if row.delta is None else f"{row.delta:.4f}", "" if row.verdict == NO_PAPER else row.verdict,
-                    steps_text(row) if ours else "", fmt(row.train_seconds, 3) if ours else "",
-                    fmt(row.eval_seconds, 3) if ours else "", fmt(row.tasks_per_second, 3) if ours else "",
-                    "; ".join(row.devices), " ".join(row.files)])
+            out += [_csv_row(table, section, row, row.paper) for row in rows]
+    return out
+
+
+def render_csv(tables: Sequence[BenchmarkTable], reproductions: Sequence[Reproduction] = ()) -> str:
+    """The whole ``leaderboard.csv``: a header, then :func:`csv_rows`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_rows(tables, reproductions))
     return buffer.getvalue()
 
 
@@ -568,6 +690,7 @@ class LeaderboardResult:
     paths: list[Path]
     tables: list[BenchmarkTable]
     problems: list[str]
+    reproductions: list[Reproduction] = field(default_factory=list)
 
     @property
     def exit_status(self) -> int:
@@ -579,23 +702,41 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def make_leaderboard(records_dir: str | Path = "results/records", out_dir: str | Path = "results",
-                     paper_results: str | Path = PAPER_RESULTS) -> LeaderboardResult:
-    """Read every record, write ``LEADERBOARD.md``, ``leaderboard.csv`` and ``leaderboard.html``.
+                     paper_results: str | Path = PAPER_RESULTS, readme: str | Path | None = None) -> LeaderboardResult:
+    """Read every record, write ``LEADERBOARD.md``, ``leaderboard.csv`` and ``leaderboard.html``, and with
+    ``readme`` rewrite that file's reproductions block (:func:`metabench.reproductions.replace_block`).
 
     Bad files are skipped (listed in ``problems`` and on the page); raises :class:`LeaderboardError` when
-    no record is usable at all.
+    no record is usable at all, or when ``readme`` lacks the block's markers (checked before anything is written).
     """
     from metabench.leaderboard_html import render_html
+    from metabench.reproductions import build_reproductions, readme_block, replace_block, summary_markdown
 
+    readme_text = None
+    if readme is not None:  # its markers are checked before anything is read or written
+        readme_text = _readme_text(Path(readme))
+        replace_block(readme_text, "", str(readme))
     loaded = load_records(records_dir)
     if not loaded.records:
         detail = f" ({len(loaded.problems)} file(s) skipped)" if loaded.problems else ""
         raise LeaderboardError(f"no usable run records in {records_dir}{detail}")
-    tables = build_tables(loaded.records, load_paper_results(paper_results))
+    papers = load_paper_results(paper_results)
+    tables = build_tables(loaded.records, papers)
+    reproductions = build_reproductions(tables, papers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "LEADERBOARD.md", out / "leaderboard.csv", out / "leaderboard.html"]
-    _write_text(paths[0], render_markdown(tables, loaded.problems))
-    _write_text(paths[1], render_csv(tables))
-    _write_text(paths[2], render_html(tables, loaded.problems))
-    return LeaderboardResult(paths=paths, tables=tables, problems=loaded.problems)
+    _write_text(paths[0], render_markdown(tables, loaded.problems, summary_markdown(reproductions)))
+    _write_text(paths[1], render_csv(tables, reproductions))
+    _write_text(paths[2], render_html(tables, loaded.problems, reproductions))
+    if readme is not None and readme_text is not None:
+        link = Path(os.path.relpath(paths[0], Path(readme).parent)).as_posix()
+        _write_text(Path(readme), replace_block(readme_text, readme_block(reproductions, link), str(readme)))
+        paths.append(Path(readme))
+    return LeaderboardResult(paths=paths, tables=tables, problems=loaded.problems, reproductions=reproductions)
+
+
+def _readme_text(path: Path) -> str:
+    if not path.is_file():
+        raise LeaderboardError(f"README {path} does not exist (its reproductions block cannot be written)")
+    return path.read_text(encoding="utf-8")

@@ -9,6 +9,8 @@ the golden files after an intended change, and read the diff.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -183,6 +185,31 @@ def test_verdict_rules() -> None:
     assert verdict(99.47, 0.1, no_ci) == REPRODUCED and verdict(99.3, 0.1, no_ci) == BELOW
 
 
+def test_verdict_boundaries() -> None:
+    """Each verdict's boundary, on numbers exact in binary (paper 98.5 ± 0.25: lower end 98.25), so that "at the
+    boundary" is exact: ``>=`` in either rule turned into ``>`` fails here."""
+    paper = PaperResult("b", "maml", "conv4", "transductive", "maml", 1, 98.5, 0.25, "P", "1", "T", "r")
+    low = 98.25
+    below_low = math.nextafter(low, 0.0)
+    # reproduced: our mean at the paper's lower end, or anywhere above (also above its upper end)
+    assert verdict(low, 0.0, paper) == REPRODUCED
+    assert verdict(low, float("nan"), paper) == REPRODUCED
+    assert verdict(99.75, 0.5, paper) == REPRODUCED
+    # just under the lower end: the CIs decide. Touching (our upper end = the paper's lower end) overlaps ...
+    assert verdict(98.0, 0.25, paper) == OVERLAP
+    assert verdict(below_low, 0.0, paper) == BELOW  # no CI of ours: a point just outside the paper's interval
+    assert verdict(below_low, 1e-12, paper) == OVERLAP
+    # ... a hair short of touching is below (2**-40: more than the spacing of floats near 98, so the sum is short)
+    assert verdict(98.0, 0.25 - 2**-40, paper) == BELOW
+    assert verdict(98.0, float("nan"), paper) == BELOW  # an unknown CI of ours counts as 0
+    # a paper without a CI: its mean is the boundary
+    no_ci = PaperResult("b", "mamlpp", "conv4", "transductive", "maml", 1, 98.5, None, "P", "1", "T", "r")
+    assert verdict(98.5, 0.0, no_ci) == REPRODUCED
+    assert verdict(98.25, 0.25, no_ci) == OVERLAP
+    assert verdict(98.25, 0.25 - 2**-40, no_ci) == BELOW
+    assert verdict(98.25, 0.25, None) == NO_PAPER
+
+
 # -- paper numbers ------------------------------------------------------------------------------------------
 
 def test_paper_numbers_as_published() -> None:
@@ -250,15 +277,40 @@ def test_golden_outputs(tmp_path: Path) -> None:
     for text in (md, csv_text, html):
         assert str(tmp_path) not in text
 
-    # HTML sanity: self-contained (nothing fetched), one table per section, every row present.
+    # HTML sanity: self-contained (nothing fetched), the summary first, two tables per table of rows (compared
+    # columns and details), every row present.
     assert "<script src" not in html and "<link" not in html and "src=" not in html and "@import" not in html
-    assert html.count('<table class="lb"') == 4  # 3 benchmark tables + one "not comparable" table
-    assert html.count("<svg") == 3 + 1  # a bar chart per table, one curve chart (omniglot transductive)
+    assert html.index('<table class="summary" id="summary">') < html.index('<table class="lb"')
+    assert html.count('<table class="summary"') == 1
+    assert html.count('<table class="lb"') == 2 * 4  # 3 benchmark tables + one "not comparable" table
+    assert html.count("<svg") == 4 + 1  # a bar chart per table, one curve chart (omniglot transductive)
     assert "polyline" in html and "not comparable" in html
     # Curves are clipped to their plot box: every polyline names the clip path drawn with its chart.
     clips = re.findall(r'<clipPath id="([^"]+)"><rect x="50" y="24" width="460" height="220"/></clipPath>', html)
     lines = re.findall(r'<polyline [^>]*clip-path="url\(#([^)]+)\)"', html)
     assert clips and lines and html.count("<polyline") == len(lines) and set(lines) <= set(clips)
+
+
+def test_sections_in_reading_order() -> None:
+    """Paper benchmarks first, in the order paper_results.yaml names them (Omniglot, then mini-ImageNet), then
+    synthetic (other classification), then segmentation; within a benchmark by batch-norm mode and queries."""
+    scores = _pattern(0.5, 40, 0.01, 5)
+    records = [make_record("s", "maml", scores, benchmark="synthetic-5w1s", scheme=None),
+               make_record("f", "maml", scores, benchmark="fss-1w5s", metric="fg_iou", scheme=None),
+               make_record("m", "maml", scores, benchmark="mini-imagenet-5w1s", scheme=None),
+               make_record("o20", "maml", scores, benchmark="omniglot-20w1s"),
+               make_record("o15", "maml", scores, queries=15),
+               make_record("o1", "maml", scores),
+               make_record("ont", "maml", scores, bn_mode="non-transductive")]
+    tables = build_tables([(f"{r.run_id}.json", r) for r in records], load_paper_results())
+    assert [(t.benchmark, t.protocol) for t in tables] == [
+        ("omniglot-5w1s", "non-transductive, 1 query/class"), ("omniglot-5w1s", "transductive, 1 query/class"),
+        ("omniglot-5w1s", "transductive, 15 queries/class"), ("omniglot-20w1s", "transductive, 1 query/class"),
+        ("mini-imagenet-5w1s", "transductive, 1 query/class"), ("synthetic-5w1s", "transductive, 1 query/class"),
+        ("fss-1w5s", "transductive, 1 query/class")]
+    # Without published numbers: classification, then the rest, each by name.
+    assert [t.benchmark for t in build_tables([(f"{r.run_id}.json", r) for r in records[:4]])] == [
+        "mini-imagenet-5w1s", "omniglot-20w1s", "synthetic-5w1s", "fss-1w5s"]
 
 
 def test_table_logic_on_fixture() -> None:
@@ -377,19 +429,28 @@ def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> No
 
     write_fixture(tmp_path / "records")
     result = make_leaderboard(tmp_path / "records", tmp_path / "out")
-    run_dir = Path(log_leaderboard(result.tables, result.paths[2], save_dir=tmp_path / "wb"))
+    run_dir = Path(log_leaderboard(result.tables, result.paths[2], save_dir=tmp_path / "wb",
+                                   reproductions=result.reproductions))
     _close_wandb()
     (log,) = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     records = read_transaction_log(log)
     (run_info,) = _of_type(records, "run")
     assert run_info.job_type == "leaderboard" and run_info.project == "metabench"
 
-    # The table: a history entry pointing at the table file wandb wrote, with every CSV row in it.
+    # The tables: history entries pointing at the table files wandb wrote, with every CSV row in one of them:
+    # the reproductions summary in "reproductions", the rest in "leaderboard".
     (row,) = [_items(h.item) for h in _of_type(records, "history")]
-    assert row["leaderboard/_type"] == "table-file"
-    assert row["leaderboard/nrows"] == len(result.paths[1].read_text().splitlines()) - 1
+    csv_lines = list(csv.reader(io.StringIO(result.paths[1].read_text())))[1:]
+    summary = json.loads((run_dir / row["reproductions/path"]).read_text())
     table = json.loads((run_dir / row["leaderboard/path"]).read_text())
-    assert table["columns"] == CSV_COLUMNS
+    assert row["reproductions/_type"] == row["leaderboard/_type"] == "table-file"
+    assert summary["columns"] == table["columns"] == CSV_COLUMNS
+    assert summary["data"] + table["data"] == csv_lines  # the CSV, split in two, as text
+    assert len(summary["data"]) == len(result.reproductions) == row["reproductions/nrows"]
+    assert {r[3] for r in summary["data"]} == {"reproduction"} and "reproduction" not in {r[3] for r in table["data"]}
+    (maml,) = [r for r in summary["data"] if r[:2] == ["omniglot-5w1s", "transductive, maml split, 1 query/class"]
+               and r[4] == "maml" and r[5] == "conv4-omniglot"]
+    assert maml[CSV_COLUMNS.index("state")] == OVERLAP
     key = ["omniglot-5w1s", "transductive, 1 query/class"]
     ranked = [r[4] for r in table["data"] if r[:2] == key and r[3] == "ranked"]
     assert ranked == ["maml", "fomaml", "reptile"]

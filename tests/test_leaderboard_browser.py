@@ -1,6 +1,9 @@
-"""The leaderboard page in a real browser: headless Chromium (Debian ``chromium`` + ``chromium-driver``) through
-selenium, loading the page from ``file://`` with no network. Checks the rows, sorting by a header click,
-the charts, and saves a screenshot under the test's tmp dir.
+"""The leaderboard page in a real browser, as a reader sees it: headless Chromium (Debian ``chromium`` +
+``chromium-driver``) through selenium, a 1400 px wide window, the page loaded from ``file://`` with no network.
+Checks that the page opens on the reproductions summary, that no table is wider than the window (every verdict in
+view without scrolling), that every chart's labels and lines lie inside their SVG boxes (bounding boxes from the
+DOM), the rows, and sorting by a header click; for the fixture page and for the committed
+``results/leaderboard.html``. Saves a screenshot under the test's tmp dir.
 
 Without Chromium, chromedriver or selenium the test skips on a developer machine but FAILS under CI
 (``CI=true``), where ``.ci/run`` installs them.
@@ -15,7 +18,11 @@ from pathlib import Path
 import pytest
 
 from metabench.leaderboard import make_leaderboard
-from tests.test_leaderboard import write_fixture
+from metabench.records import write_record
+from tests.test_leaderboard import _pattern, make_record, write_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 1400  # the window a new reader opens the page in
 
 
 def _need(what: str) -> None:
@@ -37,9 +44,17 @@ def _driver():
         _need("chromium / chromedriver")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1500,1400"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", f"--window-size={WIDTH},1000"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    browser = _driver()
+    browser.set_page_load_timeout(20)
+    yield browser
+    browser.quit()
 
 
 def _column(table, index: int) -> list[str]:
@@ -47,48 +62,113 @@ def _column(table, index: int) -> list[str]:
             table.find_elements("css selector", "tbody tr")]
 
 
-def test_page_renders_and_sorts(tmp_path: Path) -> None:
+def _fixture_page(root: Path) -> Path:
+    """The test fixture plus the shapes that broke the page before: a curve to 18,095 s, a long preset name."""
+    write_fixture(root / "records")
+    curve = [[2500.0, 700.0, 0.845], [30000.0, 9000.0, 0.965], [60000.0, 18095.0, 0.968]]
+    write_record(make_record("r-long", "maml", _pattern(0.955, 40, 0.01, 5), preset="a-rather-long-preset-name-x",
+                             curve=curve), root / "records")
+    return make_leaderboard(root / "records", root / "out").paths[2]
+
+
+# What a reader would see cut or scrolled: the page wider than the window, a table past its right edge, an SVG
+# element outside its SVG, a curve outside its plot box. Returns one line per offence.
+_LAYOUT_PROBLEMS = """
+const tol = 0.5, out = [], W = document.documentElement.clientWidth;
+document.querySelectorAll('details').forEach(function(d){ d.open = true; });
+if (document.documentElement.scrollWidth > W) out.push('page scrolls: ' + document.documentElement.scrollWidth);
+const outside = function(r, b){
+  return r.left < b.left - tol || r.right > b.right + tol || r.top < b.top - tol || r.bottom > b.bottom + tol;
+};
+document.querySelectorAll('table').forEach(function(t){
+  const r = t.getBoundingClientRect();
+  if (r.right > W + tol) out.push('table ' + t.id + ' ends at ' + r.right + ' > ' + W);
+});
+document.querySelectorAll('svg').forEach(function(svg, i){
+  const box = svg.getBoundingClientRect();
+  if (box.right > W + tol) out.push('svg ' + i + ' ends at ' + box.right);
+  svg.querySelectorAll('text, rect, line, path, polyline').forEach(function(el){
+    if (el.closest('clipPath')) return;
+    if (outside(el.getBoundingClientRect(), box)) out.push('svg ' + i + ' ' + el.tagName + ' ' + el.textContent);
+  });
+  const plot = svg.querySelector('rect.plot');
+  if (plot) svg.querySelectorAll('polyline').forEach(function(line){
+    if (outside(line.getBoundingClientRect(), plot.getBoundingClientRect())) out.push('svg ' + i + ' curve');
+  });
+});
+return out;
+"""
+
+
+def _check_reader_view(driver, page: Path, shot: Path) -> None:
+    driver.get(page.as_uri())
+    assert driver.title == "metabench leaderboard"
+    assert driver.execute_script("return window.innerWidth") == WIDTH
+    # The page opens on the summary: the first table, its first cell row in the first screenful.
+    first = driver.find_element("css selector", "table")
+    assert first.get_attribute("id") == "summary"
+    row = first.find_element("css selector", "tr.cell")
+    assert row.rect["y"] + row.rect["height"] < driver.execute_script("return window.innerHeight")
+    assert first.find_elements("css selector", "thead th")[-1].text == "verdict / state"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    problems = driver.execute_script(_LAYOUT_PROBLEMS)
+    assert problems == []
+    # Every verdict column in view: the compared columns come first, the details below.
+    for table in driver.find_elements("css selector", "table.lb:not([id$='-details'])"):
+        heads = [th.text for th in table.find_elements("css selector", "thead th")]
+        assert heads[-2:] == ["verdict", "vs best"], heads
+        assert table.find_elements("css selector", "thead th")[-2].rect["x"] < WIDTH
+
+
+def test_fixture_page_as_a_reader_sees_it(driver, tmp_path: Path) -> None:
+    page = _fixture_page(tmp_path)
+    _check_reader_view(driver, page, tmp_path / "leaderboard.png")
+    assert len(driver.find_elements("css selector", "svg.bars")) == 4  # one per table: 3 ranked, 1 not comparable
+    assert len(driver.find_elements("css selector", "svg.curves polyline")) == 3
+
+
+def test_committed_page_as_a_reader_sees_it(driver, tmp_path: Path) -> None:
+    page = REPO / "results" / "leaderboard.html"
+    _check_reader_view(driver, page, tmp_path / "committed.png")
+    summary = driver.find_element("id", "summary")
+    flagship = [r.text for r in summary.find_elements("css selector", "tr.cell")
+                if r.text.startswith("Table 1, “MAML” omniglot-5w1s conv4")]
+    assert flagship and flagship[0].endswith("reproduced")
+
+
+def test_page_sorts(driver, tmp_path: Path) -> None:
     write_fixture(tmp_path / "records")
-    result = make_leaderboard(tmp_path / "records", tmp_path / "out")
-    html = result.paths[2]
-    driver = _driver()
-    try:
-        driver.set_page_load_timeout(20)
-        driver.get(html.as_uri())
-        assert driver.title == "metabench leaderboard"
-        table = driver.find_element("id", "t-omniglot-5w1s--transductive-1-query-class")
-        # 3 ranked rows + 3 paper-only rows, best first; bold rows are the best and the tied one.
-        unknown = "(paper; split unknown, queries unknown)"
-        paper_only = [f"metasgd {unknown}", f"mamlpp {unknown}",
-                      "maml (paper; maml split, 1 query/class)"]
-        assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
-        bold = [row.find_element("css selector", "td").value_of_css_property("font-weight")
-                for row in table.find_elements("css selector", "tbody tr")]
-        assert bold[:3] == ["700", "700", "400"]
-        assert len(driver.find_element("id", "o-omniglot-5w1s--transductive-1-query-class")
-                   .find_elements("css selector", "tbody tr")) == 1  # the other digest, apart
+    driver.get(make_leaderboard(tmp_path / "records", tmp_path / "out").paths[2].as_uri())
+    table = driver.find_element("id", "t-omniglot-5w1s--transductive-1-query-class")
+    # 3 ranked rows + 3 paper-only rows, best first; bold rows are the best and the tied one.
+    unknown = "(paper; split unknown, queries unknown)"
+    paper_only = [f"metasgd {unknown}", f"mamlpp {unknown}", "maml (paper; maml split, 1 query/class)"]
+    assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
+    bold = [row.find_element("css selector", "td").value_of_css_property("font-weight")
+            for row in table.find_elements("css selector", "tbody tr")]
+    assert bold[:3] == ["700", "700", "400"]
+    assert len(driver.find_element("id", "o-omniglot-5w1s--transductive-1-query-class")
+               .find_elements("css selector", "tbody tr")) == 1  # the other digest, apart
+    # The details table (collapsed until clicked) has the same rows, with the digest.
+    details = driver.find_element("id", "t-omniglot-5w1s--transductive-1-query-class-details")
+    assert not details.is_displayed()
+    details.find_element("xpath", "./ancestor::details/summary").click()
+    assert details.is_displayed() and _column(details, 5)[:3] == ["a" * 12] * 3
 
-        # Click "ours ... %": ascending (missing values last), then again: descending.
-        header = table.find_elements("css selector", "thead th")[3]
-        assert header.text.startswith("ours accuracy")
-        header.click()
-        assert header.get_attribute("aria-sort") == "ascending"
-        assert _column(table, 0) == ["reptile", "fomaml", "maml", *paper_only]
-        header.click()
-        assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
-        # A text column sorts alphabetically.
-        table.find_elements("css selector", "thead th")[0].click()
-        assert _column(table, 0) == ["fomaml", "maml", "maml (paper; maml split, 1 query/class)",
-                                     f"mamlpp {unknown}", f"metasgd {unknown}", "reptile"]
-        # Paper column (numbers): ascending by published mean.
-        table.find_elements("css selector", "thead th")[8].click()
-        assert _column(table, 8) == ["89.7 ± 1.1", "97.68 ± 0.04", "98.3 ± 0.5", "98.7 ± 0.4", "99.47", "99.53 ± 0.26"]
-
-        # Charts drawn: one bar chart per benchmark table, bars with whiskers, and the curve chart.
-        assert len(driver.find_elements("css selector", "svg.bars")) == 3
-        assert len(driver.find_elements("css selector", "svg.curves polyline")) == 2
-        assert driver.find_elements("css selector", "svg.bars rect")[0].size["width"] > 10
-        shot = tmp_path / "leaderboard.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    finally:
-        driver.quit()
+    # Click "ours ... %": ascending (missing values last), then again: descending.
+    header = table.find_elements("css selector", "thead th")[3]
+    assert header.text.startswith("ours accuracy")
+    header.click()
+    assert header.get_attribute("aria-sort") == "ascending"
+    assert _column(table, 0) == ["reptile", "fomaml", "maml", *paper_only]
+    header.click()
+    assert _column(table, 0) == ["maml", "fomaml", "reptile", *paper_only]
+    # A text column sorts alphabetically.
+    table.find_elements("css selector", "thead th")[0].click()
+    assert _column(table, 0) == ["fomaml", "maml", "maml (paper; maml split, 1 query/class)",
+                                 f"mamlpp {unknown}", f"metasgd {unknown}", "reptile"]
+    # Paper column (numbers): ascending by published mean.
+    table.find_elements("css selector", "thead th")[5].click()
+    assert _column(table, 5) == ["89.7 ± 1.1", "97.68 ± 0.04", "98.3 ± 0.5", "98.7 ± 0.4", "99.47", "99.53 ± 0.26"]
+    # Bars with whiskers are drawn.
+    assert driver.find_elements("css selector", "svg.bars rect")[0].size["width"] > 10
