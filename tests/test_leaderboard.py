@@ -79,9 +79,11 @@ def fixture_records() -> list[Record]:
         make_record("r-maml-0", "maml", maml0, seed=0, curve=curve),
         make_record("r-maml-1", "maml", maml1, seed=1, curve=[[100.0, 35.0, 0.72], [1000.0, 320.0, 0.96]]),
         make_record("r-fomaml-0", "fomaml", fomaml, train_seconds=30.0),
-        make_record("r-reptile-0", "reptile", reptile, train_seconds=20.0),
-        make_record("r-reptile-b", "reptile", _pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5),
-        make_record("r-reptile-nt", "reptile", _pattern(0.95, n, 0.01, 4), bn_mode="non-transductive"),
+        make_record("r-reptile-0", "reptile", reptile, train_seconds=20.0, scheme="reptile"),
+        make_record("r-reptile-b", "reptile", _pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5,
+                    scheme="reptile"),
+        make_record("r-reptile-nt", "reptile", _pattern(0.95, n, 0.01, 4), bn_mode="non-transductive",
+                    scheme="reptile"),
         make_record("r-seg-transfer", "transfer", seg_a, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
                     metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default", scheme=None),
         make_record("r-seg-maml", "maml", seg_b, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
@@ -362,8 +364,10 @@ def test_paper_numbers_only_for_the_same_backbone_and_test_protocol() -> None:
     assert mlp5.mean == 97.5
     assert _paper_of(make_record("q", "maml", scores, backbone="mlp-omniglot", queries=15)) is None  # 15 queries
     assert _paper_of(make_record("v", "maml", scores, scheme="vinyals")) is None  # another class split
-    assert _paper_of(make_record("r", "reptile", scores, bn_mode="non-transductive")).mean == 95.39
-    assert _paper_of(make_record("r5", "reptile", scores, queries=5, bn_mode="non-transductive")) is None
+    assert _paper_of(make_record("r", "reptile", scores, bn_mode="non-transductive", scheme="reptile")).mean == 95.39
+    assert _paper_of(make_record("rm", "reptile", scores, bn_mode="non-transductive")) is None  # MAML's split
+    assert _paper_of(make_record("r5", "reptile", scores, queries=5, bn_mode="non-transductive",
+                                scheme="reptile")) is None
     # An MLP-only paper cell never lands on a conv row, even as context of another table.
     [table] = build_tables([("c.json", make_record("c", "maml", scores))], load_paper_results())
     assert table.rows[0].paper.backbone == "conv4"
