@@ -522,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metabench.checkpoints import LostProcessError, NoCheckpointError
     from metabench.datasets.base import DatasetError
 
     parser = build_parser()
@@ -538,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"metabench: error: {error}", file=sys.stderr)
         return 2
+    except (LostProcessError, NoCheckpointError) as error:  # one line, no traceback: the message says what to do
+        print(error if str(error).startswith("metabench:") else f"metabench: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

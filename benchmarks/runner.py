@@ -35,6 +35,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
 from metabench.atomic import atomic_write_bytes
+from metabench.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
 from metabench.config import ConfigError, RunConfig, flatten_config
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
@@ -267,21 +268,27 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     """Train ``config.algorithm`` on ``config.benchmark``, test on the fixed episodes, write the record."""
     device, datamodule, module, initial = _prepare(config)
     run_dir = run_dir_for(config)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not resume and last.exists():
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume and any((ckpt_dir / name).exists() for name in (LAST, PREVIOUS)):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or remove the folder")
-    if resume and not last.exists():
+    start = readable_checkpoint(ckpt_dir) if resume else None
+    primary = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    if resume and start is None and primary:
         print(f"metabench: nothing to resume in {run_dir} (no checkpoints/last.ckpt): starting a fresh run",
               file=sys.stderr)
+    if start is not None and start.note and primary:
+        print(start.note, file=sys.stderr)
     # What metabench test checks; every process writes the same bytes, atomically.
     atomic_write_bytes(run_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode(),
                        durable=False)
     clock = _Clock()
     curve = _Curve(clock)
     trainer, logger = _fit(config, module, datamodule, device, run_dir, clock, curve, progress,
-                           resume and last.exists())
+                           None if start is None else start.path)
+    # A resumed run says where it continued from (the last session's start; earlier resumes are in the curve's clock).
+    resumed = {} if start is None else {"resumed_from": {"checkpoint": start.path.name, "step": start.step}}
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=int(module.global_step),
-                          train_seconds=clock.elapsed(), curve=curve.points, resolved={})
+                          train_seconds=clock.elapsed(), curve=curve.points, resolved=resumed)
     if not trainer.is_global_zero:  # one record per run, whatever the number of processes
         return RunResult(record, Path(), run_dir, primary=False)
     path = write_record(record, config.records_dir) if write else Path()
@@ -292,8 +299,10 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
 
 
 def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule, device: torch.device, run_dir: Path,
-         clock: _Clock, curve: _Curve, progress: bool, resume: bool) -> tuple[L.Trainer, Any]:
-    """Lightning training with checkpoints every ``checkpoint_every`` steps; ``last.ckpt`` holds the final step."""
+         clock: _Clock, curve: _Curve, progress: bool, start: Path | None) -> tuple[L.Trainer, Any]:
+    """Lightning training (from checkpoint ``start`` when given) with checkpoints every ``checkpoint_every`` steps,
+    written atomically with the previous one kept (``benchmarks/checkpoints.py``); ``last.ckpt`` holds the final
+    step. A lost process of a several-process run ends it with one line (:class:`LostProcessError`)."""
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=config.trainer.checkpoint_every, save_last=True,
@@ -313,10 +322,16 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
         limit_val_batches=1.0 if datamodule.validates else 0,  # val_episodes 0: the split holds no validation
         log_every_n_steps=config.trainer.log_every, inference_mode=False, logger=logger or False, callbacks=callbacks,
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(run_dir),
-        deterministic=False)
+        deterministic=False, plugins=[KeepPreviousCheckpointIO()])
     if logger is not None:
         logger.log_hyperparams(config.to_dict())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if start is None else str(start))
+    except Exception as error:
+        lost = lost_process(error, trainer, int(module.global_step))
+        if lost is None:
+            raise
+        raise lost from None
     stopped_early = getattr(module, "stopped_early", False)  # protonet's patience on the validation loss
     if module.global_step < config.trainer.max_steps and not config.trainer.max_time_minutes and not stopped_early:
         raise RuntimeError(f"training stopped at step {module.global_step} of {config.trainer.max_steps}")

@@ -92,6 +92,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     victim.wait()
     killed_at = _ckpt_step(ckpt)
     assert 8 <= killed_at < 24
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+    clock = next(v["seconds"] for k, v in saved.items() if "_Clock" in k)
+    points = next(v["points"] for k, v in saved.items() if "_Curve" in k)
 
     resumed = subprocess.run(_cli(tmp_path, "killed", "--resume"), capture_output=True, text=True, timeout=900,
                              env=env)
@@ -101,6 +104,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     ref, res = json.loads(ref_path.read_text()), json.loads(res_path.read_text())
     assert res["training_steps"] == ref["training_steps"] == 24
     assert res["scores"] == ref["scores"] and res["mean"] == ref["mean"]
+    # Training continued from the checkpoint (a fresh deterministic run would reach the same scores): the resumed
+    # process started at the killed run's step, its validation curve begins with the killed run's points (same
+    # training-clock values) and its clock went on from the killed run's.
+    assert res["config"]["resolved"]["resumed_from"] == {"checkpoint": "last.ckpt", "step": killed_at}
+    assert "resumed_from" not in ref["config"]["resolved"]
+    assert points and res["curve"][:len(points)] == points
+    assert res["train_seconds"] > clock
 
 
 def _ckpt_step(path: Path) -> int:
