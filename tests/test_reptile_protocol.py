@@ -281,3 +281,27 @@ def test_another_benchmarks_run_with_another_training_is_refused(tmp_path: Path)
     # its own benchmark, another evaluation shape: a test protocol, the record says how training ran
     record = test_run(_as_benchmark(trained, "synthetic-5w1s", shots=3)).record
     assert (record.config["episodes"]["shots"], record.config["episodes"]["train_shots"]) == (3, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_foreach_adam_step_is_the_per_tensor_one_bit_for_bit(dtype: torch.dtype, monkeypatch) -> None:
+    """First-order Adam steps run on torch._foreach_* ops (one call per operation, not per tensor): the same values,
+    bit for bit, as the per-tensor formula the differentiable paths use."""
+    import metabench.models.inner_loop as inner_loop
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), (2, 3, 3, 3)]
+    params = {f"p{i}": torch.randn(s, generator=gen, dtype=dtype) for i, s in enumerate(shapes)}
+    config = InnerConfig(1, 1e-3, True, "adam")
+    results = []
+    for foreach in (True, False):
+        if not foreach:
+            monkeypatch.setattr(inner_loop, "_plain_tensors", lambda *args: False)
+        p, m, v = dict(params), {}, {}
+        gen = torch.Generator().manual_seed(1)
+        for step in range(1, 6):
+            grads = {k: torch.randn(t.shape, generator=gen, dtype=dtype) for k, t in p.items()}
+            p = inner_loop._inner_update(p, grads, m, v, step, config)
+        results.append((p, m, v))
+    for ours, ref in zip(results[0], results[1]):
+        assert all(torch.equal(ours[k], ref[k]) for k in params)
