@@ -323,7 +323,8 @@ def add_verify(sub: Subparsers) -> None:
     p.add_argument("--data-root")
     p.add_argument("--cache-dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="execution only: trainer.cpu_threads, trainer.accelerator, data.*, algorithm.engine")
+                   help="execution only: trainer.cpu_threads, trainer.accelerator, data.root, "
+                        "data.cache_dir, data.resident, algorithm.engine")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_verify)
 

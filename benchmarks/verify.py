@@ -211,10 +211,13 @@ def verify(record_file: str | Path, steps: int | None = None, overrides: dict[st
     start = time.perf_counter()
     path = Path(record_file)
     record = read_record(path)
-    step = target_step(record, steps)
-    trained, tested = record_configs(record, overrides or {})
-    engine = recorded_engine(record)
-    value, module, datamodule, initial, device = train_to(trained, step, engine, progress)
+    try:
+        step = target_step(record, steps)
+        trained, tested = record_configs(record, overrides or {})
+        engine = recorded_engine(record)
+        value, module, datamodule, initial, device = train_to(trained, step, engine, progress)
+    except VerifyError as error:
+        raise VerifyError(f"{path}: {error}") from None
     ran_as = _execution_text(1, torch.get_num_threads(), module.engine, device_name(device))
     if tested != trained:  # a record of metabench test: its baseline and digest are of the tested protocol
         datamodule = build_datamodule(tested, device)

@@ -231,7 +231,8 @@ def test_cli_verify_publish_and_test_weights(published: Published, tmp_path: Pat
     status, out, _ = _cli(capsys, "test", "--weights", str(published.weights))
     assert status == 0 and f"reproduces {published.record.name}: 20 scores bit-identical" in out
     status, _, err = _cli(capsys, "verify", str(published.record), "--set", "algorithm.meta_lr=1")
-    assert status == 2 and err.startswith("metabench: error: verify may change only") and err.count("\n") == 1
+    assert status == 2 and err.startswith(f"metabench: error: {published.record}: verify may change only")
+    assert err.count("\n") == 1
     status, _, err = _cli(capsys, "test", "--weights", str(published.weights), "--record", str(tmp_path / "x.json"))
     assert status == 2 and "x.json does not exist" in err and err.count("\n") == 1
     status, _, err = _cli(capsys, "publish", str(published.record), "--out-dir", str(tmp_path))
