@@ -1,4 +1,5 @@
-"""The ``metabench`` command line: ``run``, ``test``, ``grid``, ``data``, ``episodes``, ``bench`` and ``leaderboard``.
+"""The ``metabench`` command line: ``run``, ``test``, ``verify``, ``publish``, ``grid``, ``data``, ``episodes``,
+``bench`` and ``leaderboard``.
 
 Every command fails with one clear line (exit status 2) on bad input instead of a traceback.
 """
@@ -243,6 +244,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     from metabench.report import print_comparison
     from metabench.runner import test_run
 
+    if args.weights:
+        return cmd_test_weights(args)
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     results = []
     for name in algorithms:
@@ -261,7 +264,100 @@ def add_test(sub: Subparsers) -> None:
     p.add_argument("--trained-benchmark", metavar="BENCHMARK",
                    help="test the run trained under BENCHMARK (its run folder), when its training configuration is "
                         "this benchmark's (checked): e.g. one Reptile Omniglot training for both 1-shot and 5-shot")
+    p.add_argument("--weights", metavar="FILE.safetensors", help="evaluate published weights (checked against their "
+                   "record) instead of a run folder: the record's protocol, changed by --set; --benchmark, "
+                   "--algorithm, --preset and --config come from the record")
+    p.add_argument("--record", metavar="FILE.json", help="with --weights: their record (default: "
+                   "../records/<same name>.json beside the weights' folder)")
     p.set_defaults(func=cmd_test)
+
+
+# -- checking a result: verify, publish, test --weights ----------------------------------------------------
+
+def _dotted_dict(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a.b": 1}`` (values parsed as YAML scalars, as --set does)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_test_weights(args: argparse.Namespace) -> int:
+    from metabench.published import test_weights
+    from metabench.report import print_comparison
+
+    if args.algorithm or args.preset or args.config:
+        raise ValueError("--weights takes the algorithm, preset and configuration from the weights' record")
+    overrides = _dotted_dict([item for item in _overrides(args) if not item.startswith("records_dir=")])
+    overrides["records_dir"] = args.records_dir or "results/records"  # never the record's (another machine's)
+    result = test_weights(args.weights, overrides, args.record)
+    if result.path is None:  # the record's own protocol: a check, not a new record
+        ok = result.reproduces()
+        print(f"{args.weights}: {'reproduces' if ok else 'does NOT reproduce'} {result.source_path.name}: "
+              f"{len(result.record.scores)} scores {'bit-identical' if ok else 'differ'}, mean "
+              f"{result.record.mean!r} (record {result.source.mean!r})")
+        return 0 if ok else 1
+    print_comparison([result.record], [result.path])
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from metabench.verify import verify
+
+    overrides = _dotted_dict(args.set)
+    for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir")):
+        if getattr(args, flag):
+            overrides[key] = getattr(args, flag)
+    result = verify(args.record, args.steps, overrides, noise=args.noise, progress=args.progress)
+    print("\n".join(result.lines()))
+    return result.exit_status
+
+
+def add_verify(sub: Subparsers) -> None:
+    p = sub.add_parser("verify", help="retrain a record's first steps and compare: bit-identical (exit 0), "
+                                      "different (1) or cannot verify (3: code, data or versions differ)")
+    p.add_argument("record", help="a run record (results/records/*.json)")
+    p.add_argument("--steps", type=int, help="train to the record's first curve point at or after this step "
+                                             "(default: its first curve point)")
+    p.add_argument("--noise", action="store_true", help="also train on another engine (or thread count): the "
+                                                        "spread float noise alone gives")
+    p.add_argument("--data-root")
+    p.add_argument("--cache-dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="execution only: trainer.cpu_threads, trainer.accelerator, data.root, "
+                        "data.cache_dir, data.resident, algorithm.engine")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from metabench.config import build_config
+    from metabench.records import read_record
+    from metabench.runner import run_dir_for
+    from metabench.weights import publish
+
+    for name in args.record:
+        record = read_record(name)
+        tested = record.config.get("resolved", {}).get("tested_checkpoint")
+        if args.out_dir is None and tested:  # where metabench test found the run
+            run_dir = Path(tested["path"]).parent.parent
+        else:
+            tree = {k: v for k, v in record.config.items() if k != "resolved"}
+            run_dir = run_dir_for(build_config(tree, {"out_dir": args.out_dir or tree["out_dir"]}))
+        print(publish(name, run_dir, args.weights_dir))
+    return 0
+
+
+def add_publish(sub: Subparsers) -> None:
+    p = sub.add_parser("publish", help="copy a record's final weights from its run folder to results/weights/ "
+                                       "(checked against the record's weights_sha256)")
+    p.add_argument("record", nargs="+", help="run record(s) with weights_sha256")
+    p.add_argument("--out-dir", help="folder of the run folders (default: the record's)")
+    p.add_argument("--weights-dir", default="results/weights")
+    p.set_defaults(func=cmd_publish)
 
 
 # -- grid ---------------------------------------------------------------------------------------------------
@@ -516,7 +612,8 @@ def add_leaderboard(sub: Subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metabench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_run, add_test, add_grid, add_data, add_episodes, add_bench, add_leaderboard):
+    for add in (add_run, add_test, add_verify, add_publish, add_grid, add_data, add_episodes, add_bench,
+                add_leaderboard):
         add(sub)
     return parser
 

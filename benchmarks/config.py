@@ -8,6 +8,7 @@ source. The resolved :class:`RunConfig` is written in full into every record.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -285,3 +286,17 @@ def _names(allowed: tuple) -> str:
     words = {"NoneType": "null", "dict": "a mapping", "int": "an integer", "float": "a number", "bool": "true/false",
              "str": "a string", "list": "a list"}
     return " or ".join(words.get(a.__name__, a.__name__) for a in allowed)
+
+
+def build_config(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The :class:`RunConfig` of a resolved configuration ``tree`` (e.g. a record's ``config`` without its
+    ``resolved`` part) with ``{dotted key: value}`` ``overrides``; unknown keys and wrong types fail naming the key."""
+    tree = copy.deepcopy(tree)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:  # a dataclass's own validation
+        raise ConfigError(f"{tree.get('benchmark')}: {error}") from error

@@ -47,8 +47,10 @@ from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
 from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
 from metabench.models.problems import Classification, Segmentation
+from metabench.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
 from metabench.records import Record, git_commit, versions, write_record
 from metabench.stats import mean_ci95
+from metabench.weights import save_run_weights
 
 
 @dataclass
@@ -283,14 +285,17 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
                        durable=False)
     clock = _Clock()
     curve = _Curve(clock)
+    sessions = TrainingSessions()
     trainer, logger = _fit(config, module, datamodule, device, run_dir, clock, curve, progress,
-                           None if start is None else start.path)
+                           None if start is None else start.path, sessions)
     # A resumed run says where it continued from (the last session's start; earlier resumes are in the curve's clock).
     resumed = {} if start is None else {"resumed_from": {"checkpoint": start.path.name, "step": start.step}}
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=int(module.global_step),
-                          train_seconds=clock.elapsed(), curve=curve.points, resolved=resumed)
+                          train_seconds=clock.elapsed(), curve=curve.points, resolved=resumed,
+                          sessions=sessions.sessions)
     if not trainer.is_global_zero:  # one record per run, whatever the number of processes
         return RunResult(record, Path(), run_dir, primary=False)
+    save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None and config.logger == "wandb":
         from metabench.wandb_logging import log_record
@@ -299,7 +304,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
 
 
 def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule, device: torch.device, run_dir: Path,
-         clock: _Clock, curve: _Curve, progress: bool, start: Path | None) -> tuple[L.Trainer, Any]:
+         clock: _Clock, curve: _Curve, progress: bool, start: Path | None,
+         sessions: TrainingSessions | None = None) -> tuple[L.Trainer, Any]:
     """Lightning training (from checkpoint ``start`` when given) with checkpoints every ``checkpoint_every`` steps,
     written atomically with the previous one kept (``benchmarks/checkpoints.py``); ``last.ckpt`` holds the final
     step. A lost process of a several-process run ends it with one line (:class:`LostProcessError`)."""
@@ -309,6 +315,7 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
                         save_top_k=0, save_on_train_epoch_end=False),
         clock,
         curve,
+        *([sessions] if sessions is not None else []),
     ]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, config.trainer.log_every // 5)))
@@ -343,9 +350,10 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
 
 def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, datamodule: EpisodicDataModule,
                  device: torch.device, initial: dict[str, torch.Tensor], *, steps: int, train_seconds: float,
-                 curve: list[list[float]], resolved: dict[str, Any]) -> Record:
+                 curve: list[list[float]], resolved: dict[str, Any], sessions: list[list[int]]) -> Record:
     """Test ``module`` on the fixed test episodes (with ``trainer``, so its logger sees the test metrics), run
-    the random-init baseline, and build the record of a run trained for ``steps`` in ``train_seconds``."""
+    the random-init baseline, and build the record of a run trained for ``steps`` in ``train_seconds`` (in
+    ``sessions``: :class:`TrainingSessions`)."""
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     eval_seconds = time.perf_counter() - start
@@ -364,7 +372,8 @@ def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, dat
         device=device_name(device, processes), versions=versions(), git_commit=git_commit(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         baseline=_random_init_baseline(config, datamodule, initial, device),
-        metrics=dict(module.test_metrics), curve=[list(p) for p in curve])
+        metrics=dict(module.test_metrics), curve=[list(p) for p in curve],
+        **record_provenance(module, datamodule, processes, sessions))
 
 
 def _test_trainer(device: torch.device) -> L.Trainer:
@@ -500,9 +509,13 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_ben
     seconds = next((float(v["seconds"]) for k, v in states.items() if _Clock.__name__ in k), float("nan"))
     points = next((v["points"] for k, v in states.items() if _Curve.__name__ in k), [])
     trainer = _test_trainer(device)
+    # The training run's values where this test changes the protocol ({}: none): metabench verify retrains so.
+    trained_values = {} if reference is None else {"trained": protocol_changes(reference, config)}
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=step, train_seconds=seconds,
                           curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step},
-                                                  **resolved})
+                                                  **resolved, **trained_values},
+                          sessions=sessions_in_checkpoint(checkpoint))
+    save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     return RunResult(record, path, run_dir)
 

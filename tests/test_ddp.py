@@ -249,3 +249,6 @@ def test_resume_with_another_number_of_processes(tmp_path: Path, one_process: Pa
     done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_run(tmp_path, one_process, processes=2)
+    # The record says how each training session ran: steps 0-10 in 1 process, then 2 processes (1 thread each).
+    record = read_record(next((tmp_path / "records").glob("*.json")))
+    assert record.execution["training"] == [[0, 1, 1], [STEPS // 2, 2, 1]] and record.execution["processes"] == 2
