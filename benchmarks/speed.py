@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from metabench.allocator import retain_freed_memory
 from metabench.config import RunConfig, resolve
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
@@ -335,7 +336,9 @@ def quiet() -> None:
 
 def measure_cell(cell: dict) -> dict:
     """Time one (protocol, algorithm, engine) cell; ``cell`` holds benchmark, algorithm, engine, device,
-    iterations, warmup, tiny, threads, flops (bool), task_chunk."""
+    iterations, warmup, tiny, threads, flops (bool), task_chunk, retain_memory (bool: ``allocator.retain_freed_memory``
+    first; with ``isolate`` it stays in the cell's own process)."""
+    retained = bool(cell.get("retain_memory")) and retain_freed_memory()
     if cell.get("threads"):
         torch.set_num_threads(int(cell["threads"]))
     quiet()
@@ -360,7 +363,8 @@ def measure_cell(cell: dict) -> dict:
            "step_ms": 1000 * statistics.median(timing.step_seconds),
            "end_to_end_ms": 1000 * statistics.median(timing.total_seconds),
            "step_ms_all": [round(1000 * t, 2) for t in timing.step_seconds],
-           "peak_memory_mib": timing.memory[0], "memory_method": timing.memory[1], "gemm_gflop_per_s": gemm / 1e9}
+           "peak_memory_mib": timing.memory[0], "memory_method": timing.memory[1], "gemm_gflop_per_s": gemm / 1e9,
+           "retain_memory": retained}
     if timing.flops is not None:
         row["flops"] = timing.flops
     return row
@@ -418,12 +422,14 @@ def add_gemm_fraction(rows: list[dict]) -> None:
 
 def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], device: torch.device,
               iterations: int, warmup: int, tiny: bool = False, isolate: bool = True, threads: int | None = None,
-              log: Callable[[str], None] = print, task_chunk: int | None = None) -> list[dict]:
+              log: Callable[[str], None] = print, task_chunk: int | None = None,
+              retain_memory: bool = False) -> list[dict]:
     """Measure every cell; add ratios against learn2learn and sequential within each (benchmark, algorithm).
 
     ``engines``: metabench's (``inner_loop.ENGINES``, or ``auto``) and ``learn2learn``. ``task_chunk``: also
     measure the "batched" engine with the meta-gradient back-propagated ``task_chunk`` tasks at a time
-    (MAML/FOMAML; row engine "batched/chunk<k>"), for its peak memory.
+    (MAML/FOMAML; row engine "batched/chunk<k>"), for its peak memory. ``retain_memory``: every cell keeps freed
+    memory in its process (``allocator.retain_freed_memory``: no page faults on fresh tensors).
     """
     unknown = [e for e in engines if e not in (*CONFIG_ENGINES, LEARN2LEARN)]
     if unknown:
@@ -442,7 +448,8 @@ def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], 
                     continue
                 cell = {"benchmark": benchmark, "algorithm": algorithm, "engine": engine, "device": str(device),
                         "iterations": iterations, "warmup": warmup, "tiny": tiny, "threads": threads,
-                        "flops": chunk is None and engine == flop_engine, "task_chunk": chunk}
+                        "flops": chunk is None and engine == flop_engine, "task_chunk": chunk,
+                        "retain_memory": retain_memory}
                 row = _run_isolated(cell) if isolate else measure_cell(cell)
                 group.append(row)
                 log(f"  {benchmark} {algorithm} {row['engine']}: step {row['step_ms']:.1f} ms, end-to-end "
@@ -479,7 +486,8 @@ def main(args: argparse.Namespace) -> int:
     engines = args.engine or [e for e in (*ENGINES, LEARN2LEARN) if device.type == "cuda" or e != "vmap"]
     rows = run_speed(args.protocol or list(PROTOCOLS), args.algorithm or ["maml"], engines, device,
                      args.iterations, args.warmup, tiny=args.tiny, isolate=not args.no_isolate,
-                     threads=args.threads, task_chunk=getattr(args, "task_chunk", None))
+                     threads=args.threads, task_chunk=getattr(args, "task_chunk", None),
+                     retain_memory=getattr(args, "retain_memory", False))
     table = format_table(rows)
     gemm = machine_gemm_rate(rows)
     print(table)
@@ -496,6 +504,7 @@ def main(args: argparse.Namespace) -> int:
                                               + " per protocol (rows marked fast_path)", "tiny": args.tiny,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                "iterations": args.iterations, "warmup": args.warmup,
+                               "retain_memory": getattr(args, "retain_memory", False),
                                "gemm": {"size": TINY_GEMM_SIZE if args.tiny else GEMM_SIZE, "dtype": "float32",
                                         "gflop_per_s": gemm,
                                         "per_cell": [r["gemm_gflop_per_s"] for r in rows]},

@@ -82,6 +82,12 @@ def test_run_speed_flop_count_does_not_depend_on_the_engine() -> None:
     assert counts["batched"] == counts["sequential"] > 0
 
 
+def test_run_speed_retain_memory_in_the_cells_process() -> None:
+    row = run_speed(["omniglot-5w1s"], ["fomaml"], ["batched"], CPU, iterations=1, warmup=0, tiny=True, isolate=True,
+                    threads=1, log=_quiet, retain_memory=True)[0]
+    assert row["retain_memory"] is True and row["step_ms"] > 0
+
+
 def test_cli_bench_speed_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--tiny", "--protocol", "omniglot-5w1s", "--algorithm", "maml", "--engine",
