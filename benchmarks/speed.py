@@ -22,9 +22,10 @@ gathering of the meta-batch and Lightning's loop. CUDA is synchronised at both h
 one run only.
 
 FLOPs: ``metabench.flops.flop_counter`` (torch's ``FlopCounterMode`` with grouped-convolution backward counted per
-group, so the count does not depend on the engine) over one extra, untimed step of the ``sequential`` engine (the
-reference; else of the first engine listed): convolutions and matmuls, forward and all backward passes; achieved
-FLOP/s = that count / each engine's median step time. The machine's matrix-multiply rate
+group) over one extra, untimed step of the ``batched`` engine (else of the first engine listed): convolutions and
+matmuls, forward and all backward passes, each derivative computed once (the sequential reference counts the same
+to first order and up to 5 % more to second order, where autograd's native double backward computes gradients it
+then discards); achieved FLOP/s = that count / each engine's median step time. The machine's matrix-multiply rate
 (``flops.gemm_rate``: fp32 ``GEMM_SIZE``-square products, same threads) is measured in every cell right after its
 steps; each row's ``gemm_fraction`` is its FLOP/s over the median of those rates in the run.
 
@@ -435,8 +436,8 @@ def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], 
     if unknown:
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}; known: {', '.join((*ENGINES, LEARN2LEARN))}")
     have_l2l = learn2learn_available()
-    # FLOPs of one step of the reference engine when it is timed (the count is engine-independent: flops.py)
-    flop_engine = "sequential" if "sequential" in engines else engines[0]
+    # FLOPs of one batched step when it is timed: the step's work, each derivative computed once (flops.py)
+    flop_engine = "batched" if "batched" in engines else engines[0]
     rows = []
     for benchmark in benchmarks:
         for algorithm in algorithms:

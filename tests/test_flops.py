@@ -1,6 +1,7 @@
 """Honest FLOP counts (``metabench.flops``): a Conv4 forward against a hand-derived count, a grouped convolution's
-backward against its groups counted one by one, and the same meta-step counted on the batched and the sequential
-engine (equal: the count does not depend on the engine)."""
+backward against its groups counted one by one, grouped and per-task second-order gradients (one count), and the
+same meta-step on the batched and the sequential engine (equal to first order; to second order the batched engine
+skips work autograd's native double backward wastes)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,34 @@ def test_grouped_conv_backward_is_counted_per_group() -> None:
     assert torch_counter.get_total_flops() == (2 + groups) * groups * one_group  # what torch's formula says
 
 
-@pytest.mark.parametrize("pool,global_pool", [(False, True), (True, False)])
-@pytest.mark.parametrize("steps,first_order", [(1, False), (2, False), (1, True)])
-def test_batched_and_sequential_counts_agree(pool: bool, global_pool: bool, steps: int, first_order: bool) -> None:
-    """One meta-gradient (inner steps, query loss, backward of second-order MAML or FOMAML) counts the same FLOPs
-    on both engines, and on the sequential one (dense convolutions only) the same as torch's own counter."""
+def test_grouped_and_per_task_second_order_counts_agree() -> None:
+    """Second-order gradients through two stride-2 convolutions of 3 tasks, as ONE grouped convolution per layer
+    and as a loop of dense ones per task (both autograd's native convolution and its double backward): one count."""
+    tasks, channels, n = 3, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, tasks, channels, 14, 14, generator=gen)
+    weights = [torch.rand(tasks, channels, channels, 3, 3, generator=gen, requires_grad=True) for _ in range(2)]
+
+    def second_order(grouped: bool) -> None:
+        if grouped:
+            h = x.reshape(n, tasks * channels, 14, 14)
+            for w in weights:
+                h = F.conv2d(h, w.reshape(-1, channels, 3, 3), stride=2, padding=1, groups=tasks).tanh()
+            inner = torch.autograd.grad(h.square().sum(), weights, create_graph=True)
+        else:
+            per_task = []
+            for t in range(tasks):
+                h = x[:, t]
+                for w in weights:
+                    h = F.conv2d(h, w[t], stride=2, padding=1).tanh()
+                per_task.append(h.square().sum())
+            inner = torch.autograd.grad(sum(per_task), weights, create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in inner), weights)
+
+    assert count_flops(lambda: second_order(True)) == count_flops(lambda: second_order(False)) > 0
+
+
+def _meta_gradient(pool: bool, global_pool: bool, steps: int, first_order: bool):
     model = seeded_conv4(6, pool=pool, global_pool=global_pool, dtype=torch.float32)
     sx, sy, qx, qy = meta_batch(5, 4, conv4_image(pool), dtype=torch.float32)
     params = dict(model.named_parameters())
@@ -66,12 +90,32 @@ def test_batched_and_sequential_counts_agree(pool: bool, global_pool: bool, step
         loss, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)
         torch.autograd.grad(loss, list(params.values()))
 
+    return step
+
+
+@pytest.mark.parametrize("pool,global_pool", [(False, True), (True, False)])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_first_order_counts_agree_across_engines(pool: bool, global_pool: bool, steps: int) -> None:
+    """A FOMAML meta-gradient counts the same FLOPs on the batched and the sequential engine, and on the sequential
+    one (dense convolutions only) the same as torch's own counter."""
+    step = _meta_gradient(pool, global_pool, steps, first_order=True)
     sequential, batched = count_flops(lambda: step("sequential")), count_flops(lambda: step("batched"))
     assert batched == sequential > 0
     torch_counter = FlopCounterMode(display=False)
     with torch_counter:
         step("sequential")
     assert torch_counter.get_total_flops() == sequential
+
+
+@pytest.mark.parametrize("pool,global_pool", [(False, True), (True, False)])
+def test_second_order_batched_count_is_at_most_the_reference(pool: bool, global_pool: bool) -> None:
+    """Second-order MAML: autograd's native double backward, which the sequential reference runs, also computes the
+    gradient w.r.t. the input images (never used) and weight gradients on a padded kernel (4x4 for 3x3 after a
+    stride-2 convolution of an even size) that it then crops; the batched engine does the same or (with a
+    convolution that computes each derivative once, at its size) less, never more."""
+    step = _meta_gradient(pool, global_pool, 1, first_order=False)
+    sequential, batched = count_flops(lambda: step("sequential")), count_flops(lambda: step("batched"))
+    assert 0.85 * sequential < batched <= sequential
 
 
 def test_gemm_rate() -> None:
