@@ -494,7 +494,7 @@ def main(args: argparse.Namespace) -> int:
     print(table)
     if gemm is not None:
         print(f"matrix-multiply rate (fp32 GEMM, median over the cells): {gemm:.1f} GFLOP/s; "
-              "% GEMM = a row's GFLOP/s / that rate (FLOPs: engine-independent count, metabench.flops)")
+              "% GEMM = a row's GFLOP/s / that rate (FLOPs: one step's work, metabench.flops)")
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or "results/speed") / f"speed-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "speed", "device": device_name(device), "machine": platform.machine(),
