@@ -206,11 +206,9 @@ def _batched_layer(layer: nn.Module, name: str, params: dict[str, torch.Tensor],
                    tasks: int) -> torch.Tensor:
     """One feature layer of :meth:`Conv4.batched_forward` on task-stacked channels ``[n, T*C, H, W]``."""
     if isinstance(layer, nn.Conv2d):
-        weight, bias = params[f"{name}.weight"].reshape(-1, *layer.weight.shape[1:]), params[f"{name}.bias"].reshape(-1)
-        if tuple(layer.stride) == (1, 1):  # autograd's double backward is as fast here (no padded kernel to crop)
-            return F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, groups=tasks)
+        weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
         conv = _ConvArgs(list(layer.stride), list(layer.padding), list(layer.dilation), tasks)  # type: ignore[arg-type]
-        return _GroupedConv.apply(h, weight, bias, conv)
+        return _GroupedConv.apply(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), conv)
     if isinstance(layer, BatchNorm2d):
         return _batched_norm(layer, name, params, h)
     if isinstance(layer, nn.Flatten):  # [n, T*C, a, b] -> [n, T, C*a*b]: each task's slice flattened as forward does
@@ -238,13 +236,12 @@ class _ConvArgs:
                                                    self.groups, mask)
 
 
-# The batched engine's strided grouped convolution (Omniglot's Conv4; stride-1 layers keep F.conv2d: on
-# mini-ImageNet's maps this measured 0.90-0.94x per layer). Its first-order backward is autograd's (one native call,
-# bit for bit), and so are the inner gradients' values; what changes is the second derivative. Autograd's double
-# backward of a grouped convolution (aten::_convolution_double_backward) computes one of its weight gradients group
-# by group -- with a meta-batch of 32 tasks, 32 small convolutions per layer plus slicing, copies, a padded kernel
-# that is then cropped and a strided result -- the largest item of second-order MAML's outer backward
-# (benchmarks/README.md, "Where a MAML step's time goes"). Here every derivative is one native call for all groups:
+# The batched engine's grouped convolution. Its first-order backward is autograd's (one native call, bit for bit),
+# and so are the inner gradients' values; what changes is the second derivative. Autograd's double backward of a
+# grouped convolution (aten::_convolution_double_backward) computes one of its weight gradients group by group --
+# with a meta-batch of 32 tasks, 32 small convolutions per layer plus slicing, copies, a padded kernel that is then
+# cropped and a strided result -- the largest item of second-order MAML's outer backward (benchmarks/README.md,
+# "Where a MAML step's time goes"). Here every derivative is one call of a native kernel for all groups:
 #   (gx, gw, gb) = backward(gy; x, w):  d gy = conv(ggx, w) + conv(x, ggw) + ggb,
 #                                       d x = input_grad(gy, ggw),  d w = weight_grad(gy, ggx)
 #   gx = input_grad(gy, w):             d gy = conv(ggx, w),        d w = weight_grad(gy, ggx)
