@@ -7,9 +7,8 @@ of tasks (a MAML Omniglot 5w1s step: 89.6 GFLOP counted for 10.5 done). :func:`f
 formula by one that divides the weight-gradient term by ``groups``; everything else is torch's. With it, the count
 depends on the work done, not on how it is batched (``tests/test_flops.py``: grouped and per-task second-order
 gradients count the same; the batched and sequential engines' FOMAML steps count the same; a Conv4 forward matches
-a hand-derived count). To second order the batched engine counts up to 5 % less than the sequential reference: its
-strided convolutions (``backbones._GroupedConv``) skip work that autograd's native double backward does and
-discards.
+a hand-derived count). To second order a batched step never counts more than the sequential reference, whose
+native double backward also computes (and discards) the gradient w.r.t. the input images.
 
 Convention (torch's): multiply-adds count 2 FLOPs; only convolutions and matrix products are counted (bias
 additions, batch norm, activations and the inner SGD update are not); padded positions count as work.
