@@ -501,6 +501,12 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_profile(args: argparse.Namespace) -> int:
+    from metabench.profile_step import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from metabench.speed import main as bench_main
 
@@ -538,6 +544,19 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--out", default="results/speed/scaling-cpu.json")
     p.set_defaults(func=cmd_bench_scaling)
     _add_bench_speed(bench)
+    p = bench.add_parser("profile", help="where a batched MAML / FOMAML meta-step spends its time: the profiler's "
+                                         "table by operator for each phase (CPU)")
+    p.add_argument("--benchmark", default="omniglot-5w1s")
+    p.add_argument("--algorithm", action="append", choices=("maml", "fomaml"), help="repeatable (default maml)")
+    p.add_argument("--steps", type=int, default=5, help="profiled meta-steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top", type=int, default=8, help="operators listed per phase")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
+    p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in the process first "
+                   "(metabench.allocator)")
+    p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then profile-<benchmark>.json)")
+    p.set_defaults(func=cmd_bench_profile)
 
 
 def _add_bench_speed(bench: Subparsers) -> None:
@@ -557,6 +576,8 @@ def _add_bench_speed(bench: Subparsers) -> None:
                    "back-propagated this many tasks at a time (memory)")
     p.add_argument("--no-isolate", action="store_true",
                    help="all cells in this process (faster; CPU memory numbers then unreliable)")
+    p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in each cell's process "
+                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.allocator)")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
     p.set_defaults(func=cmd_bench_speed)
 

@@ -21,9 +21,13 @@ Lightning's ``on_train_batch_start`` to ``on_train_batch_end`` (training step, b
 gathering of the meta-batch and Lightning's loop. CUDA is synchronised at both hooks. Ratios are computed within
 one run only.
 
-FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one extra, untimed step of the ``batched`` engine (or of
-the first engine listed): convolutions and matmuls, forward and all backward passes; achieved FLOP/s = that
-count / each engine's median step time.
+FLOPs: ``metabench.flops.flop_counter`` (torch's ``FlopCounterMode`` with grouped-convolution backward counted per
+group) over one extra, untimed step of the ``batched`` engine (else of the first engine listed): convolutions and
+matmuls, forward and all backward passes, each derivative computed once (the sequential reference counts the same
+to first order and up to 5 % more to second order, where autograd's native double backward computes gradients it
+then discards); achieved FLOP/s = that count / each engine's median step time. The machine's matrix-multiply rate
+(``flops.gemm_rate``: fp32 ``GEMM_SIZE``-square products, same threads) is measured in every cell right after its
+steps; each row's ``gemm_fraction`` is its FLOP/s over the median of those rates in the run.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the step; on CPU the growth
 of the process's peak resident set (``VmHWM`` after resetting it via ``/proc/self/clear_refs``, else
@@ -56,10 +60,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from metabench.allocator import retain_freed_memory
 from metabench.config import RunConfig, resolve
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import MetaBatch
+from metabench.flops import count_flops, flop_counter, gemm_rate
 from metabench.models.algorithms import MetaLearner
 from metabench.models.hparams import ENGINES as CONFIG_ENGINES
 from metabench.models.inner_loop import ENGINES, engine_candidates
@@ -72,6 +78,7 @@ LEARN2LEARN = "learn2learn"  # the outside reference, timed next to metabench's 
 # reads the shape from that split, as a run reads it from the real one). ``data.options.image_size`` overrides.
 STAND_IN_SHAPES: dict[str, tuple[int, int, int]] = {"omniglot": (1, 28, 28), "synthetic-glyphs": (1, 28, 28),
                                                     "mini-imagenet": (3, 84, 84)}
+GEMM_SIZE, TINY_GEMM_SIZE = 2048, 128  # the GEMM timed for the machine's rate (tiny: a smoke test's)
 
 
 def speed_config(benchmark: str, algorithm: str, engine: str, tiny: bool = False,
@@ -182,16 +189,6 @@ def peak_memory_mib(device: torch.device, fn: Callable[[], None]) -> tuple[float
     return memory.stop()
 
 
-def count_flops(fn: Callable[[], None]) -> int:
-    """FLOPs of ``fn()`` (convs and matmuls, forward and backward) by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
 class StepTimer(Callback):
     """Seconds of every training step, hook to hook, CUDA synchronised at both ends.
 
@@ -222,9 +219,7 @@ class StepTimer(Callback):
         if step == self.memory_step:
             self._peak = PeakMemory(pl_module.device)
         if step == self.flops_step:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = FlopCounterMode(display=False)
+            self._counter = flop_counter()
             self._counter.__enter__()  # left in on_train_batch_end: the mode spans Lightning's whole step
         _sync(pl_module.device)
         self._start = time.perf_counter()
@@ -342,7 +337,9 @@ def quiet() -> None:
 
 def measure_cell(cell: dict) -> dict:
     """Time one (protocol, algorithm, engine) cell; ``cell`` holds benchmark, algorithm, engine, device,
-    iterations, warmup, tiny, threads, flops (bool), task_chunk."""
+    iterations, warmup, tiny, threads, flops (bool), task_chunk, retain_memory (bool: ``allocator.retain_freed_memory``
+    first; with ``isolate`` it stays in the cell's own process)."""
+    retained = bool(cell.get("retain_memory")) and retain_freed_memory()
     if cell.get("threads"):
         torch.set_num_threads(int(cell["threads"]))
     quiet()
@@ -357,6 +354,8 @@ def measure_cell(cell: dict) -> dict:
     else:
         timing = _time_module(module, datamodule, device, cell)
     chunk, spec = cell.get("task_chunk"), datamodule.train_spec
+    # The machine's matrix-multiply rate in this process, right after its steps: same threads, same load.
+    gemm = gemm_rate(TINY_GEMM_SIZE if cell.get("tiny") else GEMM_SIZE, device=device)
     row = {"benchmark": config.benchmark, "algorithm": config.algorithm.name,
            "engine": cell["engine"] + (f"/chunk{chunk}" if chunk else ""), "module_engine": timing.engine,
            "engine_timings": timing.engine_timings, "task_chunk": chunk, "meta_batch": config.algorithm.meta_batch,
@@ -365,7 +364,8 @@ def measure_cell(cell: dict) -> dict:
            "step_ms": 1000 * statistics.median(timing.step_seconds),
            "end_to_end_ms": 1000 * statistics.median(timing.total_seconds),
            "step_ms_all": [round(1000 * t, 2) for t in timing.step_seconds],
-           "peak_memory_mib": timing.memory[0], "memory_method": timing.memory[1]}
+           "peak_memory_mib": timing.memory[0], "memory_method": timing.memory[1], "gemm_gflop_per_s": gemm / 1e9,
+           "retain_memory": retained}
     if timing.flops is not None:
         row["flops"] = timing.flops
     return row
@@ -394,11 +394,12 @@ def _compare(group: list[dict], candidates: tuple[str, ...]) -> None:
     # The fast path is what `engine: auto` would keep: the fastest of its candidates, measured here.
     timed = [r for r in group if r["engine"] in candidates and r.get("task_chunk") is None]
     fast = min(timed, key=lambda r: r["step_ms"])["engine"] if timed else None
-    flops = next((r["flops"] for r in group if "flops" in r), None)
+    counted = next((r for r in group if "flops" in r), None)
+    flops = None if counted is None else counted["flops"]
     ref = {r["engine"]: r for r in group}
     for r in group:
         r["fast_path"] = r["engine"] == fast and r.get("task_chunk") is None
-        r["flops"] = flops
+        r["flops"], r["flops_engine"] = flops, None if counted is None else counted["engine"]
         r["gflop_per_s"] = None if flops is None else flops / (r["step_ms"] / 1000) / 1e9
         for name in (LEARN2LEARN, "sequential"):
             r[f"speedup_vs_{name}"] = ref[name]["step_ms"] / r["step_ms"] if name in ref else None
@@ -407,20 +408,36 @@ def _compare(group: list[dict], candidates: tuple[str, ...]) -> None:
                                       else None)
 
 
+def machine_gemm_rate(rows: list[dict]) -> float | None:
+    """The run's matrix-multiply rate in GFLOP/s: the median of its cells' (``gemm_gflop_per_s``)."""
+    rates = [r["gemm_gflop_per_s"] for r in rows if r.get("gemm_gflop_per_s")]
+    return statistics.median(rates) if rates else None
+
+
+def add_gemm_fraction(rows: list[dict]) -> None:
+    """Each row's achieved FLOP/s as a fraction of the run's matrix-multiply rate (one denominator), in place."""
+    rate = machine_gemm_rate(rows)
+    for r in rows:
+        r["gemm_fraction"] = None if rate is None or r.get("gflop_per_s") is None else r["gflop_per_s"] / rate
+
+
 def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], device: torch.device,
               iterations: int, warmup: int, tiny: bool = False, isolate: bool = True, threads: int | None = None,
-              log: Callable[[str], None] = print, task_chunk: int | None = None) -> list[dict]:
+              log: Callable[[str], None] = print, task_chunk: int | None = None,
+              retain_memory: bool = False) -> list[dict]:
     """Measure every cell; add ratios against learn2learn and sequential within each (benchmark, algorithm).
 
     ``engines``: metabench's (``inner_loop.ENGINES``, or ``auto``) and ``learn2learn``. ``task_chunk``: also
     measure the "batched" engine with the meta-gradient back-propagated ``task_chunk`` tasks at a time
-    (MAML/FOMAML; row engine "batched/chunk<k>"), for its peak memory.
+    (MAML/FOMAML; row engine "batched/chunk<k>"), for its peak memory. ``retain_memory``: every cell keeps freed
+    memory in its process (``allocator.retain_freed_memory``: no page faults on fresh tensors).
     """
     unknown = [e for e in engines if e not in (*CONFIG_ENGINES, LEARN2LEARN)]
     if unknown:
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}; known: {', '.join((*ENGINES, LEARN2LEARN))}")
     have_l2l = learn2learn_available()
-    flop_engine = "batched" if "batched" in engines else engines[0]  # FLOPs of one batched step when timed
+    # FLOPs of one batched step when it is timed: the step's work, each derivative computed once (flops.py)
+    flop_engine = "batched" if "batched" in engines else engines[0]
     rows = []
     for benchmark in benchmarks:
         for algorithm in algorithms:
@@ -432,13 +449,15 @@ def run_speed(benchmarks: list[str], algorithms: list[str], engines: list[str], 
                     continue
                 cell = {"benchmark": benchmark, "algorithm": algorithm, "engine": engine, "device": str(device),
                         "iterations": iterations, "warmup": warmup, "tiny": tiny, "threads": threads,
-                        "flops": chunk is None and engine == flop_engine, "task_chunk": chunk}
+                        "flops": chunk is None and engine == flop_engine, "task_chunk": chunk,
+                        "retain_memory": retain_memory}
                 row = _run_isolated(cell) if isolate else measure_cell(cell)
                 group.append(row)
                 log(f"  {benchmark} {algorithm} {row['engine']}: step {row['step_ms']:.1f} ms, end-to-end "
                     f"{row['end_to_end_ms']:.1f} ms, peak {row['peak_memory_mib'] or 0:.0f} MiB")
             _compare(group, engine_candidates(device))
             rows.extend(group)
+    add_gemm_fraction(rows)
     return rows
 
 
@@ -447,13 +466,14 @@ def format_table(rows: list[dict]) -> str:
         return "-".rjust(int(fmt.split(".")[0])) if value is None else format(value, fmt)
 
     head = (f"| {'protocol':<19} | {'alg':<7} | {'engine':<15} | step ms | end-to-end ms | x l2l | x seq | "
-            f"GFLOP/s | peak MiB |")
+            f"GFLOP/s | % GEMM | peak MiB |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
         engine = r["engine"] + (" *" if r.get("fast_path") else "")
         lines.append(f"| {r['benchmark']:<19} | {r['algorithm']:<7} | {engine:<15} | {r['step_ms']:7.1f} | "
                      f"{r['end_to_end_ms']:13.1f} | {num(r['speedup_vs_learn2learn'], '5.2f')} | "
                      f"{num(r['speedup_vs_sequential'], '5.2f')} | {num(r['gflop_per_s'], '7.2f')} | "
+                     f"{num(None if r.get('gemm_fraction') is None else 100 * r['gemm_fraction'], '6.1f')} | "
                      f"{num(r['peak_memory_mib'], '8.0f')} |")
     return "\n".join(lines)
 
@@ -467,9 +487,14 @@ def main(args: argparse.Namespace) -> int:
     engines = args.engine or [e for e in (*ENGINES, LEARN2LEARN) if device.type == "cuda" or e != "vmap"]
     rows = run_speed(args.protocol or list(PROTOCOLS), args.algorithm or ["maml"], engines, device,
                      args.iterations, args.warmup, tiny=args.tiny, isolate=not args.no_isolate,
-                     threads=args.threads, task_chunk=getattr(args, "task_chunk", None))
+                     threads=args.threads, task_chunk=getattr(args, "task_chunk", None),
+                     retain_memory=getattr(args, "retain_memory", False))
     table = format_table(rows)
+    gemm = machine_gemm_rate(rows)
     print(table)
+    if gemm is not None:
+        print(f"matrix-multiply rate (fp32 GEMM, median over the cells): {gemm:.1f} GFLOP/s; "
+              "% GEMM = a row's GFLOP/s / that rate (FLOPs: one step's work, metabench.flops)")
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or "results/speed") / f"speed-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "speed", "device": device_name(device), "machine": platform.machine(),
@@ -479,7 +504,13 @@ def main(args: argparse.Namespace) -> int:
                                "fast_engine": "auto: the fastest of " + ", ".join(engine_candidates(device))
                                               + " per protocol (rows marked fast_path)", "tiny": args.tiny,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "iterations": args.iterations, "warmup": args.warmup, "rows": rows,
+                               "iterations": args.iterations, "warmup": args.warmup,
+                               "retain_memory": getattr(args, "retain_memory", False),
+                               "gemm": {"size": TINY_GEMM_SIZE if args.tiny else GEMM_SIZE, "dtype": "float32",
+                                        "gflop_per_s": gemm,
+                                        "per_cell": [r["gemm_gflop_per_s"] for r in rows]},
+                               "flops": "metabench.flops.flop_counter (grouped conv backward per group)",
+                               "rows": rows,
                                "table": table}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

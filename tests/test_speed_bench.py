@@ -12,7 +12,7 @@ import torch
 from metabench.cli import main
 from metabench.models.algorithms import MAML, Reptile
 from metabench.models.inner_loop import engine_candidates
-from metabench.speed import format_table, learn2learn_available, run_speed, speed_config
+from metabench.speed import format_table, learn2learn_available, machine_gemm_rate, run_speed, speed_config
 from metabench.step_time import describe, time_steps
 
 CPU = torch.device("cpu")
@@ -63,12 +63,29 @@ def test_run_speed_times_the_modules_own_step(monkeypatch: pytest.MonkeyPatch) -
     for r in rows:
         assert r["iterations"] == 2 and len(r["step_ms_all"]) == 2
         assert 0 < r["step_ms"] <= r["end_to_end_ms"] + 1e-9
-        assert r["flops"] > 0 and r["gflop_per_s"] > 0
+        assert r["flops"] > 0 and r["gflop_per_s"] > 0 and r["flops_engine"] == "batched"
+        assert r["gemm_gflop_per_s"] > 0
+        assert r["gemm_fraction"] == pytest.approx(r["gflop_per_s"] / machine_gemm_rate(rows))
         assert r["shots"] == (10 if r["algorithm"] == "reptile" else 1)  # the preset's train_shots, via the split
     seq = {r["algorithm"]: r for r in rows if r["engine"] == "sequential"}
     for r in rows:
         assert r["speedup_vs_sequential"] == pytest.approx(seq[r["algorithm"]]["step_ms"] / r["step_ms"])
     assert sum(r["fast_path"] for r in rows) == 2 and "| omniglot-5w1s" in format_table(rows)
+
+
+def test_run_speed_flop_count_does_not_depend_on_the_engine() -> None:
+    """The same FOMAML training step counted on each engine alone: one FLOP count (metabench.flops), so FLOP/s and
+    the fraction of the GEMM rate compare across rows and runs."""
+    counts = {engine: run_speed(["omniglot-5w1s"], ["fomaml"], [engine], CPU, iterations=1, warmup=0, tiny=True,
+                                isolate=False, threads=1, log=_quiet)[0]["flops"]
+              for engine in ("batched", "sequential")}
+    assert counts["batched"] == counts["sequential"] > 0
+
+
+def test_run_speed_retain_memory_in_the_cells_process() -> None:
+    row = run_speed(["omniglot-5w1s"], ["fomaml"], ["batched"], CPU, iterations=1, warmup=0, tiny=True, isolate=True,
+                    threads=1, log=_quiet, retain_memory=True)[0]
+    assert row["retain_memory"] is True and row["step_ms"] > 0
 
 
 def test_cli_bench_speed_writes_json(tmp_path, capsys) -> None:
@@ -78,7 +95,8 @@ def test_cli_bench_speed_writes_json(tmp_path, capsys) -> None:
                  "--no-isolate", "--accelerator", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "speed" and data["tiny"] is True and len(data["rows"]) == 2
-    assert "git_commit" in data
+    assert "git_commit" in data and data["gemm"]["gflop_per_s"] == machine_gemm_rate(data["rows"]) > 0
+    assert "% GEMM" in data["table"] and all(r["gemm_fraction"] > 0 for r in data["rows"])
     assert {r["engine"] for r in data["rows"]} == {"batched", "sequential"}
     assert all(r["meta_batch"] == 2 and r["peak_memory_mib"] is not None for r in data["rows"])
     assert "wrote" in capsys.readouterr().out
