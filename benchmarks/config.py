@@ -101,6 +101,17 @@ class RunConfig:
         return asdict(self)
 
 
+# The training episodes' shape: ``episodes.train_<key>``, or ``episodes.<key>`` where that is null.
+TRAIN_SHAPE = ("ways", "shots", "queries")
+
+
+def training_shape(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened configuration with every ``episodes.train_<key>`` set to the value training uses (the
+    evaluation one when null), so that configurations compare by what they train."""
+    return {**flat, **{f"episodes.train_{k}": flat.get(f"episodes.train_{k}") or flat.get(f"episodes.{k}")
+                       for k in TRAIN_SHAPE}}
+
+
 def preset_path(benchmark: str) -> Path:
     path = Path(str(resources.files("metabench") / "presets" / f"{benchmark}.yaml"))
     if not path.is_file():

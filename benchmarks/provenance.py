@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from metabench.config import RunConfig, flatten_config
+from metabench.config import RunConfig, flatten_config, training_shape
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.weights import module_state, state_sha256
@@ -75,7 +75,9 @@ def record_provenance(module: MetaLearner, datamodule: EpisodicDataModule, proce
 def protocol_changes(trained: RunConfig | dict[str, Any], tested: RunConfig) -> dict[str, Any]:
     """``{dotted key: trained value}`` where ``tested`` (a ``metabench test`` configuration) differs from the
     training configuration, paths left out; a key the trained configuration lacks counts as its default."""
-    before = flatten_config(trained if isinstance(trained, dict) else trained.to_dict())
-    defaults = flatten_config(RunConfig().to_dict())
-    return {key: before.get(key, defaults.get(key)) for key, value in flatten_config(tested.to_dict()).items()
+    before = training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
+    defaults = training_shape(flatten_config(RunConfig().to_dict()))
+    # training episode shapes compare as training used them (test_run writes them out explicitly)
+    return {key: before.get(key, defaults.get(key)) for key, value in training_shape(
+            flatten_config(tested.to_dict())).items()
             if key not in PATH_KEYS and before.get(key, defaults.get(key)) != value}

@@ -15,7 +15,7 @@ from typing import Any
 from metabench.config import RunConfig, build_config
 from metabench.provenance import protocol_changes
 from metabench.records import Record, write_record
-from metabench.runner import _prepare, _test_record, _test_trainer, check_test_overrides
+from metabench.runner import _prepare, _test_record, _test_trainer, check_test_overrides, with_training_shape
 from metabench.verify import _pin_engine, recorded_engine, recorded_engine_seconds
 from metabench.weights import read_weights, record_of_weights
 
@@ -45,6 +45,7 @@ def weights_config(source: Record, overrides: dict[str, Any]) -> RunConfig:
     # A run folder's execution (processes) is not part of an evaluation: one process evaluates the weights.
     tested = build_config(tree, {"trainer.devices": 1, "trainer.num_nodes": 1, "trainer.strategy": "auto",
                                  **overrides})
+    tested = with_training_shape(tested, tree)
     check_test_overrides(tree, tested)
     return tested
 

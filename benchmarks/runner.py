@@ -36,7 +36,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from metabench.atomic import atomic_write_bytes
 from metabench.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
-from metabench.config import ConfigError, RunConfig, flatten_config
+from metabench.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
@@ -411,10 +411,6 @@ TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.shots", "episodes.test_episo
                       "trainer.checkpoint_every", "records_dir", "out_dir", "logger")
 
 
-# The training episodes' shape: ``episodes.train_<key>``, or ``episodes.<key>`` where that is null.
-TRAIN_SHAPE = ("ways", "shots", "queries")
-
-
 def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
     """The configuration the run in ``config``'s run folder (under ``benchmark``'s runs, default its own) was
     trained with (its ``config.json``), if saved."""
@@ -427,16 +423,10 @@ def trained_run_dir(config: RunConfig, benchmark: str | None = None) -> Path:
     return run_dir_for(config if benchmark is None else dataclasses.replace(config, benchmark=benchmark))
 
 
-def _training_shape(flat: dict[str, Any]) -> dict[str, Any]:
-    """``flat`` with every ``episodes.train_<key>`` set to the value training used (the evaluation one when null)."""
-    return {**flat, **{f"episodes.train_{k}": flat.get(f"episodes.train_{k}") or flat.get(f"episodes.{k}")
-                       for k in TRAIN_SHAPE}}
-
-
 def with_training_shape(tested: RunConfig, trained: RunConfig | dict[str, Any]) -> RunConfig:
     """``tested`` with the training episode shape it leaves null taken from the trained run (as training used it),
     so that another evaluation shape (``--set episodes.shots=5``) does not read as another training."""
-    before = _training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
+    before = training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
     filled = {f"train_{k}": getattr(tested.episodes, f"train_{k}") or before.get(f"episodes.train_{k}")
               for k in TRAIN_SHAPE}
     return dataclasses.replace(tested, episodes=dataclasses.replace(tested.episodes, **filled))
@@ -446,15 +436,15 @@ def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig,
                          other_benchmark: bool = False) -> None:
     """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol.
 
-    Training episode shapes are compared as training used them (:func:`_training_shape`); ``algorithm.source`` (a
-    citation) is not compared, nor ``benchmark`` when the run was trained under another benchmark on purpose
-    (``--trained-benchmark``: e.g. Reptile's 1-shot and 5-shot cells share one training). A key the trained
-    configuration lacks (a run saved before that key existed) counts as its default value.
+    Training episode shapes are compared as training used them (:func:`metabench.config.training_shape`);
+    ``algorithm.source`` (a citation) is not compared, nor ``benchmark`` when the run was trained under another
+    benchmark on purpose (``--trained-benchmark``: e.g. Reptile's 1-shot and 5-shot cells share one training). A key
+    the trained configuration lacks (a run saved before that key existed) counts as its default value.
     """
-    before = _training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
-    defaults = _training_shape(flatten_config(RunConfig().to_dict()))
+    before = training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
+    defaults = training_shape(flatten_config(RunConfig().to_dict()))
     ignored = {*TEST_PROTOCOL_KEYS, "algorithm.source", *(("benchmark",) if other_benchmark else ())}
-    changed = [key for key, value in _training_shape(flatten_config(tested.to_dict())).items()
+    changed = [key for key, value in training_shape(flatten_config(tested.to_dict())).items()
                if before.get(key, defaults.get(key)) != value and key not in ignored]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
