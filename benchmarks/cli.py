@@ -22,13 +22,15 @@ Subparsers = Any  # argparse's private _SubParsersAction
 META_LEARNERS = INNER_LOOP  # what bench speed times: its engines are the inner loop's (learn2learn has no others)
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
+def _options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{"key": value}`` (values parsed as YAML scalars); ``flag`` names the option in
+    the error."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {pair!r} is not of the form key=value")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {pair!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
@@ -274,24 +276,13 @@ def add_test(sub: Subparsers) -> None:
 
 # -- checking a result: verify, publish, test --weights ----------------------------------------------------
 
-def _dotted_dict(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", ...]`` -> ``{"a.b": 1}`` (values parsed as YAML scalars, as --set does)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is not of the form key=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def cmd_test_weights(args: argparse.Namespace) -> int:
     from metabench.published import test_weights
     from metabench.report import print_comparison
 
     if args.algorithm or args.preset or args.config:
         raise ValueError("--weights takes the algorithm, preset and configuration from the weights' record")
-    overrides = _dotted_dict([item for item in _overrides(args) if not item.startswith("records_dir=")])
+    overrides = _options([item for item in _overrides(args) if not item.startswith("records_dir=")], "--set")
     overrides["records_dir"] = args.records_dir or "results/records"  # never the record's (another machine's)
     result = test_weights(args.weights, overrides, args.record)
     if result.path is None:  # the record's own protocol: a check, not a new record
@@ -307,7 +298,7 @@ def cmd_test_weights(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from metabench.verify import verify
 
-    overrides = _dotted_dict(args.set)
+    overrides = _options(args.set, "--set")
     for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir")):
         if getattr(args, flag):
             overrides[key] = getattr(args, flag)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metabench.config import RunConfig, build_config
+from metabench.config import TRAIN_SHAPE, RunConfig, build_config
 from metabench.provenance import protocol_changes
 from metabench.records import Record, write_record
 from metabench.runner import _prepare, _test_record, _test_trainer, check_test_overrides, with_training_shape
@@ -82,6 +82,8 @@ def _protocol(record: Record) -> dict[str, Any]:
     for key in ("devices", "num_nodes", "strategy", "cpu_threads", "accelerator", "val_every", "checkpoint_every",
                 "log_every"):
         tree["trainer"].pop(key)
+    for key in TRAIN_SHAPE:  # as training used them: metabench test writes the training shape out explicitly
+        tree["episodes"][f"train_{key}"] = tree["episodes"][f"train_{key}"] or tree["episodes"][key]
     return tree
 
 

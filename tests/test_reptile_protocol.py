@@ -19,7 +19,8 @@ from metabench.datasets.base import DatasetError
 from metabench.datasets.omniglot import load_omniglot, split_characters
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, InnerState, adapt_tasks, adapt_with_state, minibatch_rows
-from metabench.runner import build_datamodule, build_module, quiet_lightning, run, test_run, world_size
+from metabench.runner import build_datamodule, build_module, quiet_lightning, run, world_size
+from metabench.runner import test_run as retest
 from tests.conftest import TINY_GLYPHS, first_meta_batch, tiny_config
 
 PERSISTENT = TINY_GLYPHS + ["algorithm.meta_batch=2", "algorithm.inner_steps=2", "algorithm.inner_batch=null",
@@ -263,7 +264,7 @@ def test_a_run_is_tested_under_another_benchmark_when_its_training_is_identical(
     trained = tiny_config(tmp_path, "reptile", steps=2, extra=["episodes.train_shots=4"])
     run(trained, progress=False)
     five = _as_benchmark(trained, "synthetic-5w3s", shots=3)  # the 3-shot benchmark: its preset trains identically
-    result = test_run(five, trained_benchmark="synthetic-5w1s")
+    result = retest(five, trained_benchmark="synthetic-5w1s")
     record = result.record
     assert record.benchmark == "synthetic-5w3s" and record.training_steps == 2
     assert record.config["episodes"]["shots"] == 3 and record.config["episodes"]["train_shots"] == 4
@@ -275,11 +276,11 @@ def test_another_benchmarks_run_with_another_training_is_refused(tmp_path: Path)
     trained = tiny_config(tmp_path, "maml", steps=2)  # train_shots null: it trained on 1-shot episodes
     run(trained, progress=False)
     with pytest.raises(ConfigError, match="episodes.train_shots"):
-        test_run(_as_benchmark(trained, "synthetic-5w3s", shots=3), trained_benchmark="synthetic-5w1s")
+        retest(_as_benchmark(trained, "synthetic-5w3s", shots=3), trained_benchmark="synthetic-5w1s")
     with pytest.raises(FileNotFoundError, match="no trained run"):
-        test_run(_as_benchmark(trained, "synthetic-5w3s", shots=3), trained_benchmark="synthetic-9w9s")
+        retest(_as_benchmark(trained, "synthetic-5w3s", shots=3), trained_benchmark="synthetic-9w9s")
     # its own benchmark, another evaluation shape: a test protocol, the record says how training ran
-    record = test_run(_as_benchmark(trained, "synthetic-5w1s", shots=3)).record
+    record = retest(_as_benchmark(trained, "synthetic-5w1s", shots=3)).record
     assert (record.config["episodes"]["shots"], record.config["episodes"]["train_shots"]) == (3, 1)
 
 
