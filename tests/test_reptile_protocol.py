@@ -306,3 +306,20 @@ def test_the_foreach_adam_step_is_the_per_tensor_one_bit_for_bit(dtype: torch.dt
         results.append((p, m, v))
     for ours, ref in zip(results[0], results[1]):
         assert all(torch.equal(ours[k], ref[k]) for k in params)
+
+
+def test_the_data_fingerprint_of_a_run_without_validation_never_reads_a_val_split() -> None:
+    """Reptile's split has no validation characters: the record's data_sha256 must not ask for them."""
+    from metabench.provenance import data_sha256
+
+    config = resolve("synthetic-5w1s", "reptile", overrides=TINY_GLYPHS + ["episodes.val_episodes=0"])
+    dm = build_datamodule(config, torch.device("cpu"))
+    original = dm.load_split
+
+    def no_val(name: str):
+        if name == "val":
+            raise DatasetError("this split has no validation classes")
+        return original(name)
+
+    dm.load_split = no_val
+    assert len(data_sha256(dm)) == 64
