@@ -3,7 +3,7 @@
 Why: a meta-step on the CPU allocates and frees tens of large activation and gradient tensors (a MAML Omniglot
 5w1s step: [5, 2048, 14, 14] float32 = 8 MB each). glibc serves blocks above its mmap threshold with a fresh
 ``mmap`` and trims the heap's free top back to the kernel, so every step faults its working set in again, page by
-page, zero-filled (20,000-30,000 minor faults per step measured; benchmarks/README.md has the timings).
+page, zero-filled (20,000-30,000 minor faults per step measured; docs/performance.md has the timings).
 :func:`retain_freed_memory` turns both off for the process: large blocks come from the heap and freed memory stays
 there for the next step. The cost is that the process's resident memory stays at its peak.
 

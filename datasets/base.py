@@ -119,7 +119,7 @@ def resolve_data_root(root: str | os.PathLike[str] | None, dataset: str) -> Path
         if not env:
             raise DatasetError(
                 f"no data root for {dataset!r}: pass --data-root PATH (or root=...) or set ${DATA_ENV} to a folder "
-                f"that holds {dataset}/ (see the README, 'Data')")
+                f"that holds {dataset}/ (see docs/data.md)")
         path = Path(env) / dataset
     else:
         path = Path(root)
@@ -127,7 +127,7 @@ def resolve_data_root(root: str | os.PathLike[str] | None, dataset: str) -> Path
             path = path / dataset
     if not path.is_dir():
         raise DatasetError(f"{dataset}: data root {str(path)!r} does not exist or is not a folder "
-                           f"(see the README, 'Data', for the accepted layouts)")
+                           f"(see docs/data.md for the accepted layouts)")
     return path
 
 

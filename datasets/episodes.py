@@ -213,7 +213,7 @@ class EpisodeSampler:
         shape = images.shape[1:]
         if device.type == "cpu":
             # np.take is faster than torch's index_select here: torch page-faults a fresh output buffer on
-            # every call (the measurement is in benchmarks/README.md).
+            # every call (the measurement is in docs/performance.md).
             array = images.numpy()
             support_x = torch.from_numpy(np.take(array, indices.support.reshape(-1), axis=0))
             query_x = torch.from_numpy(np.take(array, indices.query.reshape(-1), axis=0))

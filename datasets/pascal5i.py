@@ -86,7 +86,7 @@ def voc_root(root: str | os.PathLike[str] | None) -> Path:
     missing = [d for d in ("JPEGImages", "SegmentationClassAug") if not (path / d).is_dir()]
     if missing:
         raise DatasetError(f"{DATASET}: {path} has no {' or '.join(missing)}/ (expected VOC 2012 JPEGImages/ and "
-                           f"the SBD-augmented SegmentationClassAug/; see the README, 'Data')")
+                           f"the SBD-augmented SegmentationClassAug/; see docs/segmentation.md)")
     return path
 
 
@@ -105,8 +105,8 @@ def lists_dir(root: str | os.PathLike[str] | None, voc: Path, lists: str | os.Pa
         if (path / "trn").is_dir() and (path / "val").is_dir():
             return path
     raise DatasetError(f"{DATASET}: no per-fold image lists (trn/fold*.txt, val/fold*.txt) in "
-                       f"{', '.join(str(p) for p in dict.fromkeys(candidates))}; pass lists=PATH (see the README, "
-                       f"'Data', for where to get them)")
+                       f"{', '.join(str(p) for p in dict.fromkeys(candidates))}; pass lists=PATH "
+                       f"(see docs/segmentation.md for where to get them)")
 
 
 def read_fold_list(path: Path, fold: int) -> list[tuple[str, int]]:

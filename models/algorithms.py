@@ -118,7 +118,7 @@ class MetaLearner(L.LightningModule):
         (``probe`` given) every candidate of ``engine_candidates`` is timed once on the real meta-batch by
         ``probe(engine)`` (side-effect free: meta-gradient discarded, no optimizer step) and the fastest is kept
         for the rest of the run; before that (e.g. Lightning's sanity validation) ``default_engine`` is used
-        without fixing the choice. Which engine wins depends on device AND protocol (see benchmarks/README.md).
+        without fixing the choice. Which engine wins depends on device AND protocol (see docs/performance.md).
         """
         if self.engine != "auto":
             return self.engine

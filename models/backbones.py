@@ -221,7 +221,7 @@ def _batched_norm(layer: BatchNorm2d, name: str, params: dict[str, torch.Tensor]
     """Per-task batch norm on task-stacked features (``[n, T*C, ...]``): statistics over every dim but 1.
 
     Native batch norm with batch statistics: exact to second order outside vmap (checked in float64 by
-    tests/test_engines.py) and fused: faster per meta-step on CPU than the plain-op formula (benchmarks/README.md).
+    tests/test_engines.py) and fused: faster per meta-step on CPU than the plain-op formula (docs/performance.md).
     """
     bias = params[f"{name}.bias"].reshape(-1)
     weight = params.get(f"{name}.weight")
@@ -311,7 +311,7 @@ def _batched_linear(weight: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -
 
     Computed as ``(W h^T)^T`` so that the gradient w.r.t. ``weight`` comes out contiguous in ``[T, out, in]``:
     with ``h W^T`` it is a transposed view, and summing that over the task dim (the backward of the shared
-    parameters' expansion) is many times slower on CPU (benchmarks/README.md, "MAML without convolutions").
+    parameters' expansion) is many times slower on CPU (docs/performance.md, "MAML without convolutions").
     """
     return torch.baddbmm(bias.unsqueeze(2), weight, h.transpose(1, 2)).transpose(1, 2)
 

@@ -236,7 +236,7 @@ def _inner_update(params: Params, grads: Params, m: Params, v: Params, step: int
         if lrs is not None:  # Meta-SGD: theta - alpha * grad, elementwise (l2l's meta_sgd_update, same op order)
             return {k: p - lrs[k] * grads[k] for k, p in params.items()}
         # One fused op (and one in the backward) instead of mul + sub (+ neg): these are the largest tensors of a
-        # batched meta-step ([T, *shape]); what it bought is in benchmarks/README.md.
+        # batched meta-step ([T, *shape]); what it bought is in docs/performance.md.
         return {k: torch.add(p, grads[k], alpha=-config.lr) for k, p in params.items()}
     if lrs is None and _plain_tensors(params, grads, m, v):
         return _adam_foreach(params, grads, m, v, step, config)
@@ -267,7 +267,7 @@ def _plain_tensors(params: Params, grads: Params, m: Params, v: Params) -> bool:
 def _adam_foreach(params: Params, grads: Params, m: Params, v: Params, step: int, config: InnerConfig) -> Params:
     """The Adam step of :func:`_inner_update` on lists of tensors: the same operations in the same order (so the
     same bits), one call per operation instead of one per parameter: Reptile's persistent state makes a meta-step 25
-    small sequential Adam steps of 18 tensors each (what it bought: benchmarks/README.md, Reptile)."""
+    small sequential Adam steps of 18 tensors each (what it bought: docs/performance.md, Reptile)."""
     beta1, beta2 = config.adam_betas
     keys = list(params)
     g = [grads[k] for k in keys]
@@ -483,7 +483,7 @@ def default_engine(device: torch.device | str) -> str:
 
     "auto" in the Lightning modules times :func:`engine_candidates` on the first training step
     (:func:`choose_engine`) because the winner depends on the protocol as well as the device (measurements:
-    benchmarks/README.md).
+    docs/performance.md).
     """
     return "vmap" if torch.device(device).type == "cuda" else "sequential"
 
@@ -493,7 +493,7 @@ def engine_candidates(device: torch.device | str, model: nn.Module | None = None
 
     CPU: "batched" (when ``model`` has a ``batched_forward``) and "sequential" -- which one wins depends on the
     protocol. vmap is left out on CPU, where it was slower than sequential on Conv4. CUDA: "vmap" and "batched";
-    the sequential loop is far slower there. The measurements are in benchmarks/README.md.
+    the sequential loop is far slower there. The measurements are in docs/performance.md.
     """
     batched = ("batched",) if model is None or supports_batched(model) else ()
     if torch.device(device).type == "cuda":
