@@ -16,10 +16,27 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import ALGORITHMS, INNER_ENGINES, INNER_LOOP
+from metabench.models.hparams import INNER_ENGINES
+from metabench.models.learners import algorithm_names, learner_class
 
 Subparsers = Any  # argparse's private _SubParsersAction
-META_LEARNERS = INNER_LOOP  # what bench speed times: its engines are the inner loop's (learn2learn has no others)
+
+
+def _algorithm(name: str) -> str:
+    """``--algorithm``: a registered learner, an installed plug-in's, or ``package.module:Class``."""
+    try:
+        learner_class(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
+def _meta_learner(name: str) -> str:
+    """``bench speed --algorithm``: a learner that meta-trains through the inner loop (the engines are its)."""
+    if not learner_class(_algorithm(name)).capabilities.inner_loop:
+        known = [n for n in algorithm_names() if learner_class(n).capabilities.inner_loop]
+        raise argparse.ArgumentTypeError(f"{name} has no inner loop to time; choose from {', '.join(known)}")
+    return name
 
 
 def _options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
@@ -196,7 +213,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     """What names a run and where it lives: shared by ``run`` and ``test``. Also accepted (by :func:`main`):
     ``--section.key=value``, the same as ``--set section.key=value``."""
     p.add_argument("--benchmark", default="synthetic-5w1s")
-    p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
+    p.add_argument("--algorithm", action="append", type=_algorithm,
                    help="repeatable; default: every algorithm of the benchmark's preset")
     p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
     p.add_argument("--config", help="YAML file merged over the preset")
@@ -374,7 +391,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="FILE.yaml", help="grid file: benchmark, algorithm, preset, seed (a value or "
                    "a list), vary, set, and run options (data_root, max_steps, ...); flags given here win")
     p.add_argument("--benchmark", action="append", help="repeatable")
-    p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
+    p.add_argument("--algorithm", action="append", type=_algorithm,
                    help="repeatable; default: every algorithm of each preset")
     p.add_argument("--preset", action="append", help="repeatable; default: each benchmark's default preset")
     p.add_argument("--seed", action="append", type=int, help="repeatable; default: the configuration's seed")
@@ -514,7 +531,7 @@ def add_bench(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_bench_episodes)
     p = bench.add_parser("steps", help="median meta-iteration time of each algorithm under a preset")
     p.add_argument("--benchmark", default="omniglot-5w1s")
-    p.add_argument("--algorithm", action="append", choices=ALGORITHMS)
+    p.add_argument("--algorithm", action="append", type=_algorithm)
     p.add_argument("--preset")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -526,7 +543,7 @@ def add_bench(sub: Subparsers) -> None:
     p = bench.add_parser("scaling", help="one training step as 1 process x 1 thread, 1 x N threads and N "
                                          "processes x 1 thread (DDP): how best to use this machine's cores")
     p.add_argument("--benchmark", default="omniglot-5w1s")
-    p.add_argument("--algorithm", action="append", choices=ALGORITHMS, help="repeatable (default maml)")
+    p.add_argument("--algorithm", action="append", type=_algorithm, help="repeatable (default maml)")
     p.add_argument("--preset")
     p.add_argument("--layout", action="append", metavar="PxT",
                    help="processes x threads, repeatable (default 1x1, 1x2, 2x1)")
@@ -555,7 +572,7 @@ def _add_bench_speed(bench: Subparsers) -> None:
                          "engine, learn2learn included")
     p.add_argument("--protocol", action="append", help="benchmark name, repeatable; default: omniglot-5w1s, "
                    "omniglot-20w1s, mini-imagenet-5w1s, mini-imagenet-5w5s")
-    p.add_argument("--algorithm", action="append", choices=META_LEARNERS, help="repeatable; default: maml")
+    p.add_argument("--algorithm", action="append", type=_meta_learner, help="repeatable; default: maml")
     p.add_argument("--engine", action="append", choices=(*INNER_ENGINES, "learn2learn"),
                    help="repeatable; default: all (vmap on CUDA only; learn2learn when installed)")
     p.add_argument("--iterations", type=int, default=5)

@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import ALGORITHMS, AlgorithmConfig
+from metabench.models.hparams import AlgorithmConfig
+from metabench.models.learners import algorithm_names, learner_class
+from metabench.registry import RegistryError
 
 
 class ConfigError(ValueError):
@@ -112,7 +114,21 @@ def training_shape(flat: dict[str, Any]) -> dict[str, Any]:
                        for k in TRAIN_SHAPE}}
 
 
+BENCHMARK_FILE = (".yaml", ".yml")  # --benchmark path/to/mine.yaml: a benchmark file outside the package
+
+
+def benchmark_name(benchmark: str) -> str:
+    """What records call ``benchmark``: a named benchmark as is, a benchmark file by its stem."""
+    return Path(benchmark).stem if benchmark.endswith(BENCHMARK_FILE) else benchmark
+
+
 def preset_path(benchmark: str) -> Path:
+    """The YAML file of ``benchmark``: one of metabench's (``list_benchmarks``), or a path ending in .yaml."""
+    if benchmark.endswith(BENCHMARK_FILE):
+        path = Path(benchmark)
+        if not path.is_file():
+            raise ConfigError(f"benchmark file {benchmark!r} does not exist")
+        return path
     path = Path(str(resources.files("metabench") / "presets" / f"{benchmark}.yaml"))
     if not path.is_file():
         raise ConfigError(f"unknown benchmark {benchmark!r}; known: {', '.join(list_benchmarks())}")
@@ -138,14 +154,14 @@ def preset_names(benchmark: str) -> tuple[str | None, list[str]]:
 
 def preset_algorithms(benchmark: str, preset: str | None = None) -> list[str]:
     """The algorithms that ``preset`` (default: the benchmark's default preset) of ``benchmark`` defines, in
-    ``ALGORITHMS`` order: what a benchmark runs when no algorithm is named (e.g. transfer only on 1-way
-    segmentation benchmarks)."""
+    the registry's order (``algorithm_names``): what a benchmark runs when no algorithm is named (e.g. transfer
+    only on 1-way segmentation benchmarks)."""
     spec = load_preset_file(benchmark)
     presets = spec.get("presets", {})
     preset = preset or spec.get("default_preset") or next(iter(presets), None)
     if preset not in presets:
         raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
-    return [name for name in ALGORITHMS if name in presets[preset]]
+    return [name for name in algorithm_names() if name in presets[preset]]
 
 
 def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_file: str | Path | None = None,
@@ -156,20 +172,27 @@ def resolve(benchmark: str, algorithm: str, preset: str | None = None, config_fi
     ``config_file`` < ``overrides`` (``"algorithm.inner_lr=0.1"``, values parsed as YAML scalars).
     ``{dotted.key}`` fields in ``out_dir`` are filled from the resolved config (see :func:`expand_out_dir`).
     """
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    try:
+        learner = learner_class(algorithm)
+    except RegistryError as error:
+        raise ConfigError(str(error)) from None
     spec = load_preset_file(benchmark)
     presets = spec.get("presets", {})
     preset = preset or spec.get("default_preset") or next(iter(presets), None)
     if preset not in presets:
         raise ConfigError(f"benchmark {benchmark!r} has no preset {preset!r}; known: {', '.join(presets)}")
-    if algorithm not in presets[preset]:
+    if algorithm in presets[preset]:
+        algo = dict(presets[preset][algorithm])
+    elif learner.preset_base in presets[preset]:  # e.g. a MAML variant with this preset's MAML hyper-parameters
+        algo = dict(presets[preset][learner.preset_base])
+        algo["source"] = f"{learner.preset_base}'s {preset} preset, run as {algorithm}: {algo.get('source', '')}"
+    else:
         raise ConfigError(f"preset {preset!r} of {benchmark!r} defines no {algorithm!r} "
-                          f"(it defines {', '.join(presets[preset])})")
-    tree: dict[str, Any] = {"benchmark": benchmark, "preset": preset}
+                          f"(it defines {', '.join(presets[preset])}); give its hyper-parameters with --config, or "
+                          "name a learner whose section serves it in the class's preset_base")
+    tree: dict[str, Any] = {"benchmark": benchmark_name(benchmark), "preset": preset}
     for key in ("data", "episodes", "model", "trainer"):
         tree[key] = dict(spec.get(key, {}))
-    algo = dict(presets[preset][algorithm])
     for section in ("trainer", "episodes", "model", "data"):  # an algorithm's preset may refine the fixed part
         _merge(tree[section], algo.pop(section, {}))
     tree["algorithm"] = {"name": algorithm, **algo}
@@ -262,11 +285,23 @@ def _build(cls: type, tree: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in tree.items():
         default = getattr(defaults, name)
-        if dataclasses.is_dataclass(default):
+        if cls is RunConfig and name == "algorithm":
+            kwargs[name] = _build_algorithm(value, f"{where}{name}.")
+        elif dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         else:
             kwargs[name] = _check_type(f"{where}{name}", value, hints[name])
     return cls(**kwargs)
+
+
+def _build_algorithm(tree: Any, where: str) -> AlgorithmConfig:
+    """The ``algorithm`` section as its learner's own config class, checked by the learner."""
+    name = tree.get("name", AlgorithmConfig.name) if isinstance(tree, dict) else AlgorithmConfig.name
+    try:
+        learner = learner_class(name)
+    except RegistryError as error:
+        raise ConfigError(str(error)) from None
+    return learner.check_config(_build(learner.config_class, tree, where))
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:

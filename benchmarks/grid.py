@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metabench.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
-from metabench.models.hparams import ALGORITHMS
+from metabench.models.learners import learner_class
 from metabench.records import Record, RecordError, read_record
 
 T = TypeVar("T")
@@ -162,8 +162,10 @@ def make_spec(file: dict[str, Any], flags: dict[str, Any]) -> GridSpec:
     if not axes["benchmark"]:
         raise GridError("a grid needs at least one benchmark (--benchmark, or benchmark: in the grid file)")
     for name in axes["algorithm"]:
-        if name not in ALGORITHMS:
-            raise GridError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
+        try:
+            learner_class(name)
+        except ValueError as error:
+            raise GridError(str(error)) from None
     for seed in axes["seed"]:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise GridError(f"seed {seed!r} is not an integer")

@@ -43,9 +43,9 @@ from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
 from metabench.datasets.supervised import SupervisedDataModule
 from metabench.distributed import check_world
-from metabench.models.algorithms import MetaLearner, build_algorithm
+from metabench.models.algorithms import MetaLearner
 from metabench.models.backbones import build_backbone
-from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
+from metabench.models.learners import algorithm_names, build_algorithm, learner_class
 from metabench.models.problems import Classification, Segmentation
 from metabench.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
 from metabench.records import Record, git_commit, versions, write_record
@@ -131,9 +131,10 @@ def world_size(config: RunConfig) -> int:
     size = t.devices * t.num_nodes
     if size > 1 and t.strategy != "ddp":
         raise ConfigError(f"{t.devices} devices x {t.num_nodes} nodes need --strategy ddp (trainer.strategy)")
-    if size > 1 and config.algorithm.name not in DDP_ALGORITHMS:
+    if size > 1 and not learner_class(config.algorithm.name).capabilities.ddp_exact:
+        exact = [name for name in algorithm_names() if learner_class(name).capabilities.ddp_exact]
         raise ConfigError(f"{config.algorithm.name} runs in one process: several processes split a meta-batch by "
-                          f"tasks, exact for {', '.join(DDP_ALGORITHMS)} only (batch statistics over a whole "
+                          f"tasks, exact for {', '.join(exact)} only (batch statistics over a whole "
                           "batch, or early stopping on a validation loss, would differ per process)")
     if size > 1 and config.algorithm.inner_state == "persistent":
         raise ConfigError("algorithm.inner_state=persistent runs in one process: each task's inner Adam state starts "
@@ -166,7 +167,7 @@ def build_datamodule(config: RunConfig, device: torch.device | None = None,
         train_spec=train_spec, seed=config.trainer.seed, eval_seed=ep.eval_seed, val_episodes=ep.val_episodes,
         test_episodes=ep.test_episodes, eval_batch=ep.eval_batch,
         resident_device=device if config.data.resident or load_split else None)
-    if config.algorithm.name in SUPERVISED_PRETRAINING:  # ordinary mini-batches of the training split
+    if learner_class(config.algorithm.name).capabilities.supervised_pretraining:  # mini-batches of the training split
         pretrain = config.algorithm.pretrain
         return SupervisedDataModule(load, spec, config.algorithm.meta_batch, batch_size=pretrain.batch_size,
                                     augment=pretrain.augment, **kwargs)
@@ -196,11 +197,13 @@ def _network_ways(config: RunConfig, datamodule: EpisodicDataModule) -> int:
     """The network's outputs: the episodes' ways, or (baseline, baseline++) the training classes, which its
     pre-training head classifies. Training episodes of other ways only for networks without a head (protonet)."""
     ep, algorithm = config.episodes, config.algorithm
-    if ep.train_ways not in (None, ep.ways) and algorithm.name not in WAY_FREE:
+    capabilities = learner_class(algorithm.name).capabilities
+    if ep.train_ways not in (None, ep.ways) and not capabilities.way_free:
+        free = [name for name in algorithm_names() if learner_class(name).capabilities.way_free]
         raise ConfigError(f"episodes.train_ways={ep.train_ways} differs from episodes.ways={ep.ways}: only "
-                          f"{', '.join(WAY_FREE)} can train on episodes of other ways (the others' head has one "
+                          f"{', '.join(free)} can train on episodes of other ways (the others' head has one "
                           f"output per way)")
-    if algorithm.name not in SUPERVISED_PRETRAINING:
+    if not capabilities.supervised_pretraining:
         return ep.ways
     classes = datamodule.train_sampler.split.num_classes
     if algorithm.pretrain.classes is not None and algorithm.pretrain.classes < classes:

@@ -288,7 +288,7 @@ class Learn2LearnStep:
             raise ValueError(f"learn2learn has no {module.config.name}")
         self.module, self.steps = module, module.config.inner_steps
         self.maml = l2l.algorithms.MAML(module.backbone, lr=module.config.inner_lr,
-                                        first_order=module.config.first_order)
+                                        first_order=not module.capabilities.second_order)
         self.optimizer: torch.optim.Optimizer = module.configure_optimizers()
 
     def __call__(self, batch: MetaBatch) -> None:

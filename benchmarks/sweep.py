@@ -11,7 +11,7 @@ import yaml
 
 from metabench.config import RunConfig
 from metabench.grid import GridError, GridSpec, Plan, Resolver, expand
-from metabench.models.hparams import ALGORITHMS
+from metabench.models.learners import algorithm_names
 
 # The macro the agent replaces by the cell's parameters. W&B's documentation (Sweep configuration options,
 # `command`, the table of command macros) says:
@@ -36,7 +36,7 @@ def sweep_config(spec: GridSpec, plan: Plan, resolve_args: Resolver, *, name: st
     if plan.notes:
         raise GridError("a W&B grid sweep runs every combination of its parameters, and these are not defined: "
                         + "; ".join(plan.notes) + ". Split the grid (e.g. one sweep per benchmark family) or drop them")
-    algorithms = spec.algorithms or [a for a in ALGORITHMS if any(c.cell.algorithm == a for c in plan.cells)]
+    algorithms = spec.algorithms or [a for a in algorithm_names() if any(c.cell.algorithm == a for c in plan.cells)]
     if not spec.algorithms:  # every preset's own list: the product must still be defined everywhere
         missing = expand(replace(spec, algorithms=algorithms), resolve_args).notes
         if missing:

@@ -2,8 +2,8 @@
 (``inner_loop``).
 
 - MAML: meta-loss = mean over tasks of the query loss at the adapted parameters; gradients flow through
-  the inner steps (second order). FOMAML is the same module with ``first_order`` (inner gradients detached).
-- ANIL (Raghu et al. 2020): the same module with ``config.adapt = ["head"]``: the inner loop adapts the head
+  the inner steps (second order). FOMAML is its subclass without second order (inner gradients detached).
+- ANIL (Raghu et al. 2020): the MAML subclass with ``config.adapt = ["head"]``: the inner loop adapts the head
   only, the outer step trains everything (second order through the head's adaptation).
 - Meta-SGD (Li et al. 2017): the MAML module plus a learned inner step size per parameter entry (the inner
   step is ``theta - alpha * grad`` elementwise), meta-learned by the same outer Adam step; evaluation adapts
@@ -26,6 +26,8 @@
 - Evaluation adapts on each fixed episode's support set with the evaluation steps (always first order:
   no meta-gradient is needed) and scores the queries; batch-norm statistics come from the query batch
   ("transductive", as the MAML code) or from the support set plus one query ("non-transductive").
+- Every learner registers itself in :data:`LEARNERS` with its name, capabilities and config class
+  (``models/learners.py`` looks them up, with other packages' learners).
 - Several processes (DDP, ``benchmarks/distributed.py``): each rank trains on its share of the meta-batch and every
   algorithm calls :meth:`MetaLearner.sync_meta_gradient` between its backward and its optimizer step, which
   makes the gradient exactly the single-process one; evaluation batches are split round-robin and the scores
@@ -37,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -44,8 +47,7 @@ from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
 from metabench.distributed import all_reduce_gradients, broadcast_object, gather_in_order
-from metabench.models.backbones import is_norm, make_norm_per_step
-from metabench.models.hparams import AlgorithmConfig
+from metabench.models.hparams import ANIL_HEAD, MAMLPP_SWITCHES, AlgorithmConfig, Capabilities
 from metabench.models.inner_loop import (
     InnerConfig,
     InnerState,
@@ -65,7 +67,9 @@ from metabench.models.inner_loop import (
     task_outputs,
     with_step_params,
 )
+from metabench.models.norm import is_norm, make_norm_per_step
 from metabench.models.problems import Classification, Segmentation
+from metabench.registry import Registry, RegistryError
 from metabench.stats import mean_ci95
 
 Problem = Classification | Segmentation
@@ -75,8 +79,50 @@ class DivergenceError(RuntimeError):
     """The meta-loss became NaN or infinite; training stops and the last good checkpoint is kept."""
 
 
+# Shared fields that only some learners read, with the value that means "unused" (MetaLearner.config_keys).
+OPTIONAL_KEYS: dict[str, Any] = {**{key: False for key in MAMLPP_SWITCHES}, "inner_state": "per_task",
+                                 "lr_decay_every": None, "patience": None}
+OPTIONAL_KEY_USERS = {**{key: "a MAML++ switch: use --algorithm mamlpp" for key in MAMLPP_SWITCHES},
+                      "inner_state": "persistent: reptile's inner Adam state; the meta-gradient learners' tasks are "
+                                     "independent by construction",
+                      "lr_decay_every": "step decay: transfer, protonet, baseline, baseline++",
+                      "patience": "early stopping: protonet"}
+
+
 class MetaLearner(L.LightningModule):
-    """Shared evaluation, logging and adaptation for every gradient-based meta-learner."""
+    """Shared evaluation, logging and adaptation for every gradient-based meta-learner.
+
+    A learner is one self-describing class: ``name`` (what ``--algorithm`` takes), ``capabilities`` (what the
+    runner and the CLI may do with it), ``config_class`` (its hyper-parameters: :class:`AlgorithmConfig` or a
+    subclass adding fields of its own) and :meth:`check_config` (what it alone accepts or requires). It is listed
+    by registering it: ``@LEARNERS.register("name")`` here, or an entry point of group ``metabench.algorithms``
+    in another package (docs/extending.md).
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    # Fields of the shared AlgorithmConfig that only some learners read: a learner that does not list one refuses
+    # a value other than the field's default, rather than ignoring it silently.
+    config_keys: ClassVar[frozenset[str]] = frozenset()
+    # A built-in learner whose preset section serves this one on a benchmark whose preset does not name it
+    # (e.g. a MAML variant run with MAML's hyper-parameters); None: the preset must name it.
+    preset_base: ClassVar[str | None] = None
+
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig) -> AlgorithmConfig:
+        """``config`` as this learner runs it (e.g. ANIL fills in its head-only ``adapt``), or ``ValueError``
+        naming the first value this learner cannot honour. Called when a run's configuration is resolved and
+        when the module is built."""
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{cls.name or cls.__name__} needs a {cls.config_class.__name__} configuration, "
+                             f"got {type(config).__name__}")
+        for key in OPTIONAL_KEYS:
+            if key not in cls.config_keys and getattr(config, key) != OPTIONAL_KEYS[key]:
+                users = OPTIONAL_KEY_USERS.get(key, "another learner")
+                raise ValueError(f"algorithm.{key} is not used by {config.name} ({users}): leave it at "
+                                 f"{OPTIONAL_KEYS[key]!r}")
+        return config
 
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig,
                  max_steps: int) -> None:
@@ -162,7 +208,7 @@ class MetaLearner(L.LightningModule):
     def inner_config(self, training: bool) -> InnerConfig:
         cfg = self.config
         if training:
-            return InnerConfig(cfg.inner_steps, cfg.inner_lr, cfg.first_order, cfg.inner_optimizer)
+            return InnerConfig(cfg.inner_steps, cfg.inner_lr, not self.capabilities.second_order, cfg.inner_optimizer)
         return InnerConfig(cfg.eval_steps, cfg.eval_lr if cfg.eval_lr is not None else cfg.inner_lr, True,
                            cfg.inner_optimizer)
 
@@ -278,14 +324,38 @@ class MetaLearner(L.LightningModule):
                  prog_bar=True)
 
 
+def _check_learner(name: str, obj: Any) -> type[MetaLearner]:
+    """A registered learner is a MetaLearner subclass that declares its name, capabilities and config class."""
+    if not (isinstance(obj, type) and issubclass(obj, MetaLearner)):
+        raise RegistryError(f"algorithm {name!r} resolves to {obj!r}, not a subclass of "
+                            "metabench.models.algorithms.MetaLearner")
+    if not obj.name:
+        raise RegistryError(f"algorithm {name!r}: {obj.__qualname__} declares no name (class attribute `name`)")
+    if not (isinstance(obj.config_class, type) and issubclass(obj.config_class, AlgorithmConfig)):
+        raise RegistryError(f"algorithm {name!r}: {obj.__qualname__}.config_class must subclass AlgorithmConfig")
+    if not isinstance(obj.capabilities, Capabilities):
+        raise RegistryError(f"algorithm {name!r}: {obj.__qualname__}.capabilities must be a Capabilities")
+    return obj
+
+
+# name -> learner class: metabench's learners register here (below and in models/baselines.py); other packages'
+# through the entry-point group "metabench.algorithms" or a "package.module:Class" name (metabench.registry).
+LEARNERS: Registry[type[MetaLearner]] = Registry("algorithm", "metabench.algorithms", _check_learner)
+META_GRADIENT = Capabilities(second_order=True, inner_loop=True, ddp_exact=True)  # MAML's
+
+
+@LEARNERS.register("maml")
 class MAML(MetaLearner):
-    """MAML (Finn et al. 2017); with ``config.name == "fomaml"`` the first-order approximation, with "anil" the
-    head-only inner loop (``config.adapt``); :class:`MetaSGD` adds learned inner rates (``inner_lrs``).
+    """MAML (Finn et al. 2017); :class:`FOMAML` is its first-order approximation, :class:`ANIL` its head-only
+    inner loop (``config.adapt``); :class:`MetaSGD` adds learned inner rates (``inner_lrs``).
 
     With ``config.task_chunk`` the meta-gradient is back-propagated that many tasks at a time inside the step
     (``inner_loop.meta_backward``: same gradient, the memory of one chunk), which needs manual optimization:
     Lightning's automatic loop would call ``backward`` on the returned loss once more.
     """
+
+    name = "maml"
+    capabilities = META_GRADIENT
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -338,6 +408,27 @@ class MAML(MetaLearner):
         return torch.optim.Adam(self.parameters(), lr=self.config.meta_lr)  # with Meta-SGD: the rates too
 
 
+@LEARNERS.register("fomaml")
+class FOMAML(MAML):
+    """First-order MAML (Finn et al. 2017, Sec. 5.2): MAML's step with the inner gradients detached."""
+
+    name = "fomaml"
+    capabilities = dataclasses.replace(META_GRADIENT, second_order=False)
+
+
+@LEARNERS.register("anil")
+class ANIL(MAML):
+    """ANIL (Raghu et al. 2020): MAML whose inner loop adapts the head only (``adapt: [head]`` unless set), at
+    training and test time; the outer step trains everything, second order through the head's adaptation."""
+
+    name = "anil"
+
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig) -> AlgorithmConfig:
+        config = super().check_config(config)
+        return config if config.adapt is not None else dataclasses.replace(config, adapt=[ANIL_HEAD])
+
+
 def _lr_key(name: str) -> str:
     """A parameter name as a ParameterDict key (which may not contain ".")."""
     return name.replace(".", "/")
@@ -351,6 +442,7 @@ def _detached_lrs(lrs: Lrs | None) -> Lrs | None:
     return [{k: v.detach() for k, v in step.items()} for step in lrs]
 
 
+@LEARNERS.register("metasgd")
 class MetaSGD(MAML):
     """Meta-SGD (Li et al. 2017, arXiv:1707.09835): MAML whose inner step is ``theta - alpha * grad`` with a
     learned ``alpha`` of the same shape as each adapted parameter.
@@ -359,6 +451,20 @@ class MetaSGD(MAML):
     ``config.inner_lr``); being module parameters, the outer Adam step meta-learns them with the backbone and
     checkpoints carry them. Evaluation adapts with the learned rates (first order, ``eval_steps``).
     """
+
+    name = "metasgd"
+
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig) -> AlgorithmConfig:
+        """Meta-SGD's inner rule is SGD with its own learned rates, at training and at test time."""
+        config = super().check_config(config)
+        if config.inner_optimizer != "sgd":
+            raise ValueError(f"algorithm.inner_optimizer must be sgd for metasgd (its inner step is theta - alpha * "
+                             f"grad with learned alpha), got {config.inner_optimizer!r}")
+        if config.eval_lr is not None:
+            raise ValueError("algorithm.eval_lr must be null for metasgd: evaluation adapts with the learned "
+                             "per-parameter rates (algorithm.inner_lr is only their initial value)")
+        return config
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -395,6 +501,7 @@ def cosine_lr(epoch: int, epochs: float, lr: float, lr_min: float) -> float:
     return lr_min + (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
 
 
+@LEARNERS.register("mamlpp")
 class MAMLPlusPlus(MAML):
     """MAML++ (Antoniou, Edwards, Storkey, ICLR 2019, arXiv:1810.09502): MAML with five switches, each a key of
     ``AlgorithmConfig`` (all off: exactly MAML). Training counts epochs of ``steps_per_epoch`` meta-steps.
@@ -420,6 +527,28 @@ class MAMLPlusPlus(MAML):
     - ``cosine_annealing`` (CA): the meta learning rate follows :func:`cosine_lr` from ``meta_lr`` to
       ``meta_lr_min`` over ``max_steps / steps_per_epoch`` epochs, constant within an epoch.
     """
+
+    name = "mamlpp"
+    config_keys = frozenset(MAMLPP_SWITCHES)
+
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig) -> AlgorithmConfig:
+        """The switches' combinations and the evaluation they imply."""
+        config = super().check_config(config)
+        if config.lslr and config.inner_optimizer != "sgd":
+            raise ValueError(f"algorithm.inner_optimizer must be sgd with lslr (its inner step is theta - alpha * "
+                             f"grad with learned alpha), got {config.inner_optimizer!r}")
+        if config.lslr and config.eval_lr is not None:
+            raise ValueError("algorithm.eval_lr must be null with lslr: evaluation adapts with the learned per-step "
+                             "rates (algorithm.inner_lr is only their initial value)")
+        if (config.lslr or config.per_step_bn) and config.eval_steps > config.inner_steps:
+            raise ValueError(f"algorithm.eval_steps ({config.eval_steps}) must be <= inner_steps "
+                             f"({config.inner_steps}) with lslr or per_step_bn: evaluation step i uses training step "
+                             "i's rates and batch norm")
+        if config.per_step_bn and config.adapt_norm:
+            raise ValueError("algorithm.per_step_bn needs adapt_norm=false: the per-step batch-norm weights and "
+                             "biases are meta-learned, one set per inner step, and never adapted in the inner loop")
+        return config
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -471,6 +600,7 @@ class MAMLPlusPlus(MAML):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+@LEARNERS.register("reptile")
 class Reptile(MetaLearner):
     """Reptile (Nichol et al. 2018): move the initialization towards the mean of the adapted parameters.
 
@@ -479,6 +609,23 @@ class Reptile(MetaLearner):
     on across meta-iterations (checkpointed with the run); every evaluation episode starts from the state reached
     so far and does not pass it on.
     """
+
+    name = "reptile"
+    capabilities = Capabilities(inner_loop=True, ddp_exact=True)
+    config_keys = frozenset({"inner_state"})
+
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig) -> AlgorithmConfig:
+        """Reptile's outer step follows the adapted parameters only: whatever the inner loop leaves alone would
+        never leave its initialization."""
+        config = super().check_config(config)
+        if config.adapt is not None:
+            raise ValueError("algorithm.adapt is not supported by reptile: its outer step follows the adapted "
+                             "parameters only, so the frozen ones would never leave their initialization")
+        if not config.adapt_norm:
+            raise ValueError("algorithm.adapt_norm=false is not supported by reptile: its outer step follows the "
+                             "adapted parameters only, so batch norm would never leave its initialization")
+        return config
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -603,6 +750,7 @@ def adam_with_step_decay(parameters, config: AlgorithmConfig):
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+@LEARNERS.register("transfer")
 class Transfer(FineTuning):
     """The fine-tuning baseline of segmentation: pre-train the initialization by plain supervised learning on the
     training classes, then fine-tune on each test episode's support set with the same evaluation steps as the
@@ -614,6 +762,9 @@ class Transfer(FineTuning):
     be a different class in every episode and pre-training would learn nothing (``baseline`` pre-trains on the
     training split's own class labels instead).
     """
+
+    name = "transfer"
+    config_keys = frozenset({"lr_decay_every"})
 
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
         if not isinstance(problem, Segmentation):
@@ -658,17 +809,3 @@ def adapted_parameter_names(backbone: nn.Module, prefixes: list[str] | None,
                              f"{type(backbone).__name__}; its top-level names: {', '.join(tops)}")
         chosen |= hits
     return frozenset(chosen)
-
-
-MODULES: dict[str, type[MetaLearner]] = {"maml": MAML, "fomaml": MAML, "anil": MAML, "metasgd": MetaSGD,
-                                         "mamlpp": MAMLPlusPlus, "reptile": Reptile, "transfer": Transfer}
-
-
-def build_algorithm(backbone: nn.Module, problem: Problem, config: AlgorithmConfig,
-                    max_steps: int) -> MetaLearner:
-    """The Lightning module for ``config.name``: a plain registry lookup in :data:`MODULES` and in
-    ``models/baselines.py``'s ``BASELINES`` (protonet, baseline, baseline++), imported here because it imports this
-    module (its classes subclass :class:`MetaLearner`)."""
-    from metabench.models.baselines import BASELINES
-
-    return {**MODULES, **BASELINES}[config.name](backbone, problem, config, max_steps)

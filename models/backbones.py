@@ -1,5 +1,5 @@
-"""Backbones for few-shot classification: MAML's Conv4 and non-convolutional MLP, and a plain name -> builder
-registry.
+"""Backbones: the written contract (:class:`Backbone`), MAML's Conv4 and non-convolutional MLP, and the registry
+of every backbone by name (ResNet-12 and the segmentation network live in their own modules).
 
 Every backbone here is stateless apart from its parameters (no buffers), so that the inner loop can run it
 through ``torch.func.functional_call`` and ``torch.func.vmap`` with exact higher-order gradients.
@@ -8,96 +8,58 @@ through ``torch.func.functional_call`` and ``torch.func.vmap`` with exact higher
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metabench.models.norm import BatchNorm1d, BatchNorm2d, is_norm, make_norm_per_step
+from metabench.models.resnet12 import resnet12
+from metabench.models.segmentation import conv_seg
+from metabench.registry import Registry, RegistryError
 
-class BatchNorm2d(nn.Module):
-    """Batch normalisation written with plain tensor ops, always normalising with the current batch's statistics.
+__all__ = ["BACKBONES", "Backbone", "BatchNorm1d", "BatchNorm2d", "Conv4", "MLP", "build_backbone", "check_backbone",
+           "is_norm", "make_norm_per_step"]
 
-    Why it exists: under ``torch.func.vmap`` the native ``nn.BatchNorm2d`` (``F.batch_norm``) gives wrong
-    second-order MAML gradients (relative error ~1e-2 in float64 in torch 2.14), while the same maths written
-    as ``mean``/``var``/``rsqrt`` is exact. MAML's protocol uses batch statistics at train *and* test time
-    (transductive), so there are no running-stat buffers and no hidden state: the module is a pure function
-    of (parameters, input).
 
-    ``scale=False`` drops the learnable scale (gamma), keeping only the offset (beta): what MAML's reference
-    code gets from ``tf.contrib.layers.batch_norm``'s defaults (``center=True, scale=False``, epsilon 1e-3).
+@runtime_checkable
+class Backbone(Protocol):
+    """What the learners need from a network (checked by :func:`check_backbone` when it is built).
 
-    Per-step parameters (MAML++, :func:`make_norm_per_step`): ``weight`` / ``bias`` then hold one row per inner
-    step, ``[steps, num_features]``, and the inner loop passes the current step's row through ``functional_call``;
-    called with the stacked rows themselves, the layer refuses to guess a step.
+    Required:
+
+    - an ``nn.Module`` whose ``forward(x [B, C, H, W])`` gives the logits (``[B, ways]``, or ``[B, ways + 1, H, W]``
+      for segmentation);
+    - no buffers: the inner loop runs it through ``torch.func.functional_call`` with the adapted parameters, and
+      a buffer (running statistics) would be state outside them. Batch norm: :class:`BatchNorm2d` of
+      ``metabench.models.norm`` (batch statistics, exact to second order under ``vmap``);
+    - a classifier head as the submodule ``head`` (parameters ``head.*``): ANIL adapts it alone, BOIL freezes it.
+
+    Optional (found by the learners that use them, ``None`` / absent otherwise):
+
+    - ``embed(x) -> [B, D]``: the features the head classifies (ProtoNet, Baseline, Baseline++);
+    - ``batched_forward(params, x [T, n, ...]) -> [T, n, ...]``: every task's forward at once with its own
+      parameters ``[T, *shape]`` (the inner loop's "batched" engine; without it the engine is not a candidate);
+    - ``ways``: the number of foreground classes the network was built for (segmentation).
     """
 
-    reduce_dims: tuple[int, ...] = (0, 2, 3)
-    # The native, fused F.batch_norm instead (same statistics; ~1.5x faster for a ProtoNet step on CPU). Exact with
-    # ordinary autograd, not to second order under torch.func transforms: only networks trained without the
-    # functional inner loop turn it on (ProtoNet and the baselines, models/baselines.py ``use_native_norm``).
-    native: bool = False
+    head: nn.Module
 
-    def __init__(self, num_features: int, eps: float = 1e-5, scale: bool = True) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features)) if scale else None
-        self.bias = nn.Parameter(torch.zeros(num_features))
-
-    def _shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        return (1, -1) + (1,) * (x.dim() - 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias.dim() != 1:
-            raise RuntimeError(f"{type(self).__name__} holds per-step parameters {tuple(self.bias.shape)}: run it "
-                               "through the inner loop, which passes one step's row (see make_norm_per_step)")
-        if self.native:
-            weight = torch.ones_like(self.bias) if self.weight is None else self.weight
-            return F.batch_norm(x, None, None, weight, self.bias, training=True, momentum=0.0, eps=self.eps)
-        mean = x.mean(dim=self.reduce_dims, keepdim=True)
-        var = (x - mean).square().mean(dim=self.reduce_dims, keepdim=True)  # biased, as F.batch_norm normalises
-        x_hat = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            x_hat = x_hat * self.weight.view(self._shape(x))
-        return x_hat + self.bias.view(self._shape(x))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, scale={self.weight is not None}"
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-class BatchNorm1d(BatchNorm2d):
-    """:class:`BatchNorm2d` for ``[B, features]`` inputs (statistics over the batch dim only)."""
-
-    reduce_dims = (0,)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is one of this file's batch-norm layers (``algorithm.adapt_norm`` acts on these)."""
-    return isinstance(module, BatchNorm2d)
-
-
-def make_norm_per_step(model: nn.Module, steps: int) -> list[str]:
-    """Give every batch-norm layer of ``model`` one weight and bias per inner step (MAML++'s BNWB), in place.
-
-    Each batch-norm parameter ``[C]`` becomes ``[steps, C]``, every row a copy of its current value, under the same
-    name: the parameter set (and so the state dict and checkpoints) says how many steps the network was built for,
-    and ``functional_call`` / ``batched_forward`` take one row per step from the inner loop (``step_params``).
-    Returns the converted parameter names. Raises ``ValueError`` when ``model`` has no batch norm.
-    """
-    if steps < 1:
-        raise ValueError(f"make_norm_per_step needs steps >= 1, got {steps}")
-    names = []
-    for prefix, module in model.named_modules():
-        if not is_norm(module):
-            continue
-        for name, param in list(module.named_parameters(recurse=False)):
-            stacked = param.detach().unsqueeze(0).repeat(steps, *(1,) * param.dim())
-            setattr(module, name, nn.Parameter(stacked, requires_grad=param.requires_grad))
-            names.append(f"{prefix}.{name}" if prefix else name)
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no batch-norm parameters to make per-step")
-    return names
+def check_backbone(name: str, model: object) -> nn.Module:
+    """``model`` if it honours :class:`Backbone`'s required part; ``ValueError`` naming what is missing."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"backbone {name!r} built {type(model).__name__}, not an nn.Module")
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(f"backbone {name!r} ({type(model).__name__}) has buffers {', '.join(buffers[:3])}: the inner "
+                         "loop adapts parameters only (use metabench.models.norm.BatchNorm2d, batch statistics)")
+    if not isinstance(getattr(model, "head", None), nn.Module):
+        raise ValueError(f"backbone {name!r} ({type(model).__name__}) has no classifier submodule `head`")
+    return model
 
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -321,29 +283,25 @@ def mlp_omniglot(in_channels: int, ways: int, image_size: int, **options: Any) -
     return MLP(in_channels, ways, image_size, **options)
 
 
-def _resnet12(*args: Any, **kwargs: Any) -> nn.Module:
-    from metabench.models.resnet12 import resnet12  # imported on use: resnet12.py imports this module
+def _check_builder(name: str, obj: Any) -> Callable[..., nn.Module]:
+    if not callable(obj):
+        raise RegistryError(f"backbone {name!r} resolves to {obj!r}, not a builder "
+                            "(in_channels, ways, image_size, **options) -> nn.Module")
+    return obj
 
-    return resnet12(*args, **kwargs)
 
-
-# name -> builder(in_channels, ways, image_size, **kwargs)
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "conv4": conv4,
-    "conv4-omniglot": conv4_omniglot,
-    "conv4-miniimagenet": conv4_miniimagenet,
-    "mlp-omniglot": mlp_omniglot,
-    "resnet12": _resnet12,  # MetaOptNet's / TADAM's ResNet-12 (models/resnet12.py)
-    # Few-shot segmentation (ways + 1 logits per pixel); imported on use: segmentation.py imports this module.
-    "conv4-seg": lambda *args, **kwargs: __import__(
-        "metabench.models.segmentation", fromlist=["conv_seg"]).conv_seg(*args, **kwargs),
-}
+# name -> builder(in_channels, ways, image_size, **options); other packages add theirs through the entry-point
+# group "metabench.backbones" or a "package.module:builder" name (metabench.registry).
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone", "metabench.backbones", _check_builder)
+BACKBONES.register("conv4", conv4)
+BACKBONES.register("conv4-omniglot", conv4_omniglot)
+BACKBONES.register("conv4-miniimagenet", conv4_miniimagenet)
+BACKBONES.register("mlp-omniglot", mlp_omniglot)
+BACKBONES.register("resnet12", resnet12)  # MetaOptNet's / TADAM's ResNet-12 (models/resnet12.py)
+BACKBONES.register("conv4-seg", conv_seg)  # few-shot segmentation: ways + 1 logits per pixel (models/segmentation.py)
 
 
 def build_backbone(name: str, in_channels: int, ways: int, image_size: int, **kwargs: object) -> nn.Module:
-    """Build the registered backbone ``name``; ``kwargs`` go to its builder (e.g. ``hidden=8``)."""
-    try:
-        builder = BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
-    return builder(in_channels, ways, image_size, **kwargs)
+    """Build backbone ``name`` (registered, an entry point, or ``package.module:builder``); ``kwargs`` go to its
+    builder (e.g. ``hidden=8``); the result is checked against :class:`Backbone`."""
+    return check_backbone(name, BACKBONES.get(name)(in_channels, ways, image_size, **kwargs))

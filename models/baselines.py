@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metabench.datasets.episodes import MetaBatch
-from metabench.models.algorithms import FineTuning, MetaLearner, Problem, adam_with_step_decay
-from metabench.models.backbones import is_norm
-from metabench.models.hparams import AlgorithmConfig, FinetuneConfig
+from metabench.models.algorithms import LEARNERS, FineTuning, MetaLearner, Problem, adam_with_step_decay
+from metabench.models.hparams import AlgorithmConfig, Capabilities, FinetuneConfig
 from metabench.models.inner_loop import Params
+from metabench.models.norm import is_norm
 from metabench.models.problems import Classification
 
 Embed = Callable[[Tensor], Tensor]
@@ -204,6 +205,7 @@ def _check_classification(name: str, backbone: nn.Module, problem: Problem) -> N
 # -- ProtoNet ---------------------------------------------------------------------------------------------------
 
 
+@LEARNERS.register("protonet")
 class ProtoNet(MetaLearner):
     """Prototypical Networks (Snell et al. 2017); see the module docstring.
 
@@ -213,6 +215,12 @@ class ProtoNet(MetaLearner):
     improved for more than ``patience`` validations (the authors' ``wait > patience``) and the weights of the best
     validation are restored before the final checkpoint, which is what the test evaluates.
     """
+
+    name = "protonet"
+    # One process: it stops on its validation loss. Way-free: no classifier head, so training episodes may have
+    # more ways than the test ones (the authors train 5-shot Omniglot on 60-way episodes).
+    capabilities = Capabilities(way_free=True)
+    config_keys = frozenset({"lr_decay_every", "patience"})
 
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
         _check_classification("protonet", backbone, problem)
@@ -297,8 +305,9 @@ class ProtoNet(MetaLearner):
 # -- Baseline and Baseline++ ------------------------------------------------------------------------------------
 
 
+@LEARNERS.register("baseline")
 class Baseline(FineTuning):
-    """Baseline (``config.name == "baseline"``) and Baseline++ (``"baseline++"``) of Chen et al. 2019.
+    """Baseline of Chen et al. 2019 (and, with ``cosine``, :class:`BaselinePlusPlus`).
 
     The network is built with a head over the training classes (the runner passes their number, or
     ``algorithm.pretrain.classes``, as its ways). Baseline re-initialises that linear head as the authors'
@@ -307,13 +316,18 @@ class Baseline(FineTuning):
     mini-batches (``datasets.supervised.LabelledBatch``). Evaluation: :meth:`evaluate_outputs`.
     """
 
+    name = "baseline"
+    capabilities = Capabilities(supervised_pretraining=True)
+    config_keys = frozenset({"lr_decay_every"})
+    cosine: ClassVar[bool] = False  # Baseline++'s cosine classifier instead of a linear head
+
     def __init__(self, backbone: nn.Module, problem: Problem, config: AlgorithmConfig, max_steps: int) -> None:
         _check_classification(config.name, backbone, problem)
         head = getattr(backbone, "head", None)
         if not isinstance(head, nn.Linear):
             raise ValueError(f"{config.name} needs a network whose head is a linear layer, "
                              f"{type(backbone).__name__} has {type(head).__name__}")
-        if config.name == "baseline++":
+        if self.cosine:
             scale = config.cosine_scale or chen_scale(head.out_features)
             backbone.head = CosineClassifier(head.in_features, head.out_features, scale)
         else:
@@ -322,10 +336,6 @@ class Baseline(FineTuning):
         use_native_norm(backbone)
         super().__init__(backbone, problem, config, max_steps)
         self._generator: torch.Generator | None = None
-
-    @property
-    def cosine(self) -> bool:
-        return self.config.name == "baseline++"
 
     def supervised_batch(self, batch) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """A ``LabelledBatch`` of the training split: images and their class indices."""
@@ -357,4 +367,10 @@ class Baseline(FineTuning):
             return head_logits(heads, query, scale)
 
 
-BASELINES: dict[str, type[MetaLearner]] = {"protonet": ProtoNet, "baseline": Baseline, "baseline++": Baseline}
+@LEARNERS.register("baseline++")
+class BaselinePlusPlus(Baseline):
+    """Baseline++ of Chen et al. 2019: :class:`Baseline` with a cosine classifier, in pre-training and on each
+    test episode."""
+
+    name = "baseline++"
+    cosine = True

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# "anil" is MAML adapting only the network's head in the inner loop (Raghu et al. 2020); "metasgd" is MAML with a
-# learned inner step size per parameter entry (Li et al. 2017); "mamlpp" is MAML++ (Antoniou et al. 2019): MAML with
-# five switchable changes (see MAMLPP_SWITCHES). "transfer" is the fine-tuning baseline (supervised
-# pre-training, then the same test-time adaptation); it is defined for class-agnostic labels only (1-way
-# segmentation). "protonet" (Snell et al. 2017) classifies by distances to class prototypes; "baseline" and
-# "baseline++" (Chen et al. 2019) pre-train a classifier of the training classes, then fit a new (linear /
-# cosine) head on each test episode's support features (models/baselines.py). The one home of these lists: the
-# inner loop, the CLI and the benchmarks import them from here.
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer", "protonet", "baseline",
-              "baseline++")
-SECOND_ORDER = ("maml", "anil", "metasgd", "mamlpp")  # differentiate through the inner steps in training
-INNER_LOOP = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")  # meta-train through the inner loop
-# Several processes (DDP) split a meta-batch by tasks, exact when nothing couples the tasks: the inner-loop
-# learners normalise each task with its own statistics. transfer / baseline / baseline++ normalise a whole batch
-# at once (splitting it would change the statistics) and protonet stops on its validation loss: one process.
-DDP_ALGORITHMS = INNER_LOOP
-# Pre-trained on ordinary mini-batches of the training split, labelled with its class indices, not on episodes
-# (datasets/supervised.py): their network's head classifies every training class.
-SUPERVISED_PRETRAINING = ("baseline", "baseline++")
-WAY_FREE = ("protonet",)  # no classifier head: training episodes may have more ways than test ones
-STEP_DECAY = ("protonet", *SUPERVISED_PRETRAINING)  # with transfer: algorithm.lr_decay_every applies
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a learner does, declared on its class (``MetaLearner.capabilities``); the runner, the CLI and the tests
+    read these instead of lists of names."""
+
+    second_order: bool = False  # training differentiates through the inner steps (MAML, not FOMAML)
+    inner_loop: bool = False  # meta-trains through the functional inner loop: its engines apply, bench speed times it
+    # Several processes (DDP) split a meta-batch by tasks and give exactly the one-process gradient: true when
+    # nothing couples the tasks (the inner-loop learners normalise each task with its own statistics). Learners
+    # that normalise a whole batch at once, or stop on a validation loss, run in one process.
+    ddp_exact: bool = False
+    # Pre-trained on ordinary mini-batches of the training split labelled with its class indices, not on episodes
+    # (datasets/supervised.py): the network's head classifies every training class.
+    supervised_pretraining: bool = False
+    way_free: bool = False  # no classifier head: training episodes may have more ways than test ones
+
+
 ANIL_HEAD = "head"  # the parameter-name prefix of every backbone's classifier (Conv4, MLP, ConvSeg)
 BN_MODES = ("transductive", "non-transductive")
 INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
@@ -88,7 +85,12 @@ class FinetuneConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Hyper-parameters of one algorithm; ``source`` cites where they come from."""
+    """Hyper-parameters of one algorithm; ``source`` cites where they come from.
+
+    The fields every built-in learner reads, with checks that hold whatever the learner. What one learner alone
+    accepts or requires is checked by its class (``MetaLearner.check_config``); a learner from another package
+    adds fields of its own by subclassing this dataclass (``MetaLearner.config_class``).
+    """
 
     name: str = "maml"
     meta_batch: int = 32
@@ -164,10 +166,8 @@ class AlgorithmConfig:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.name not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.name!r}; known: {', '.join(ALGORITHMS)}")
-        if self.name == "anil" and self.adapt is None:
-            self.adapt = [ANIL_HEAD]  # ANIL is MAML whose inner loop adapts the head only
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"algorithm.name must be a non-empty string, got {self.name!r}")
         for key, options in (("bn_mode", BN_MODES), ("engine", ENGINES), ("inner_optimizer", INNER_OPTIMIZERS),
                              ("inner_state", INNER_STATES)):
             if getattr(self, key) not in options:
@@ -178,23 +178,14 @@ class AlgorithmConfig:
         for key in ("inner_batch", "eval_inner_batch"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"algorithm.{key} must be positive or null, got {getattr(self, key)}")
-        if self.inner_state == "persistent":
-            if self.name != "reptile":  # the meta-gradient learners' tasks are independent by construction
-                raise ValueError(f"algorithm.inner_state=persistent is supported by reptile only, not by {self.name}")
-            if self.inner_optimizer != "adam":
-                raise ValueError("algorithm.inner_state=persistent needs inner_optimizer adam: SGD keeps no state")
+        if self.inner_state == "persistent" and self.inner_optimizer != "adam":
+            raise ValueError("algorithm.inner_state=persistent needs inner_optimizer adam: SGD keeps no state")
         if self.task_chunk is not None and self.task_chunk <= 0:
             raise ValueError(f"algorithm.task_chunk must be positive or null, got {self.task_chunk}")
         if self.adapt is not None:
             if not self.adapt or not all(isinstance(p, str) and p for p in self.adapt):
                 raise ValueError(f"algorithm.adapt must be null or a non-empty list of parameter-name prefixes, "
                                  f"got {self.adapt!r}")
-            if self.name == "reptile":  # its outer step moves only what the inner loop moved
-                raise ValueError("algorithm.adapt is not supported by reptile: its outer step follows the adapted "
-                                 "parameters only, so the frozen ones would never leave their initialization")
-        if not self.adapt_norm and self.name == "reptile":
-            raise ValueError("algorithm.adapt_norm=false is not supported by reptile: its outer step follows the "
-                             "adapted parameters only, so batch norm would never leave its initialization")
         if self.dice_weight < 0:
             raise ValueError(f"algorithm.dice_weight must be >= 0, got {self.dice_weight}")
         for key in ("inner_lr", "meta_lr", "inner_loss_scale", "lr_decay_factor"):
@@ -203,25 +194,6 @@ class AlgorithmConfig:
         for key in ("lr_decay_every", "patience", "cosine_scale"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"algorithm.{key} must be positive or null, got {getattr(self, key)}")
-        for key, users in (("lr_decay_every", ("transfer", *STEP_DECAY)), ("patience", ("protonet",))):
-            if getattr(self, key) is not None and self.name not in users:  # refused rather than silently ignored
-                raise ValueError(f"algorithm.{key} is supported by {', '.join(users)} only, not by {self.name}")
-        self._check_metasgd()
-        self._check_mamlpp()
-
-    def _check_metasgd(self) -> None:
-        """Meta-SGD's inner rule is SGD with its own learned rates, at training and at test time."""
-        if self.name != "metasgd":
-            return
-        if self.inner_optimizer != "sgd":
-            raise ValueError(f"algorithm.inner_optimizer must be sgd for metasgd (its inner step is theta - alpha * "
-                             f"grad with learned alpha), got {self.inner_optimizer!r}")
-        if self.eval_lr is not None:
-            raise ValueError("algorithm.eval_lr must be null for metasgd: evaluation adapts with the learned "
-                             "per-parameter rates (algorithm.inner_lr is only their initial value)")
-
-    def _check_mamlpp(self) -> None:
-        """MAML++'s switches belong to mamlpp; their combinations and the evaluation they imply."""
         for key in ("steps_per_epoch", "msl_epochs"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"algorithm.{key} must be positive, got {getattr(self, key)}")
@@ -229,25 +201,3 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.first_order_epochs must be >= 0, got {self.first_order_epochs}")
         if not 0 <= self.meta_lr_min <= self.meta_lr:
             raise ValueError(f"algorithm.meta_lr_min must be in [0, meta_lr], got {self.meta_lr_min}")
-        on = [key for key in MAMLPP_SWITCHES if getattr(self, key)]
-        if self.name != "mamlpp":
-            if on:
-                raise ValueError(f"algorithm.{on[0]} is a MAML++ switch: use --algorithm mamlpp")
-            return
-        if self.lslr and self.inner_optimizer != "sgd":
-            raise ValueError(f"algorithm.inner_optimizer must be sgd with lslr (its inner step is theta - alpha * grad "
-                             f"with learned alpha), got {self.inner_optimizer!r}")
-        if self.lslr and self.eval_lr is not None:
-            raise ValueError("algorithm.eval_lr must be null with lslr: evaluation adapts with the learned per-step "
-                             "rates (algorithm.inner_lr is only their initial value)")
-        if (self.lslr or self.per_step_bn) and self.eval_steps > self.inner_steps:
-            raise ValueError(f"algorithm.eval_steps ({self.eval_steps}) must be <= inner_steps ({self.inner_steps}) "
-                             "with lslr or per_step_bn: evaluation step i uses training step i's rates and batch norm")
-        if self.per_step_bn and self.adapt_norm:
-            raise ValueError("algorithm.per_step_bn needs adapt_norm=false: the per-step batch-norm weights and biases "
-                             "are meta-learned, one set per inner step, and never adapted in the inner loop")
-
-    @property
-    def first_order(self) -> bool:
-        """Whether training drops the second-order terms (FOMAML; Reptile needs no meta-gradient at all)."""
-        return self.name not in SECOND_ORDER

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench.models.backbones import BatchNorm2d
+from metabench.models.norm import BatchNorm2d
 
 METAOPTNET_WIDTHS = (64, 160, 320, 640)
 TADAM_WIDTHS = (64, 128, 256, 512)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench.datasets.registry import SEGMENTATION
-from metabench.models.backbones import BatchNorm2d
+from metabench.models.norm import BatchNorm2d
 
 DEPTH = 4  # encoder blocks; the decoder has DEPTH - 1 (one per skip connection)
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metabench.datasets.episodes import MetaBatch
-from metabench.models.algorithms import MAML, MetaSGD, build_algorithm
-from metabench.models.hparams import AlgorithmConfig
+from metabench.models.algorithms import ANIL, MAML, MetaSGD
 from metabench.models.inner_loop import InnerConfig, Params, adapt_tasks, meta_backward, meta_loss
+from metabench.models.learners import algorithm_config, build_algorithm, learner_class
 from metabench.models.problems import Classification
 from tests.conftest import (
     assert_grads_close,
@@ -141,16 +141,16 @@ def test_anil_equals_metasgd_with_zero_body_rates(engine: str, steps: int) -> No
 
 
 def _module(name: str, engine: str = "sequential", **fields) -> MAML:
-    config = AlgorithmConfig(name=name, inner_lr=LR, inner_steps=2, eval_steps=2, engine=engine, **fields)
+    config = algorithm_config(name=name, inner_lr=LR, inner_steps=2, eval_steps=2, engine=engine, **fields)
     return build_algorithm(_model(), Classification(), config, max_steps=1)  # type: ignore[return-value]
 
 
 def test_anil_config_adapts_the_head_and_is_second_order() -> None:
-    config = AlgorithmConfig(name="anil")
-    assert config.adapt == ["head"] and not config.first_order
-    assert AlgorithmConfig(name="anil", adapt=["features.3", "head"]).adapt == ["features.3", "head"]
+    config = algorithm_config(name="anil")
+    assert config.adapt == ["head"] and learner_class("anil").capabilities.second_order
+    assert algorithm_config(name="anil", adapt=["features.3", "head"]).adapt == ["features.3", "head"]
     module = _module("anil")
-    assert type(module) is MAML
+    assert type(module) is ANIL and isinstance(module, MAML)
     assert module.params() and all(k.startswith("head.") for k in module.params())
 
 
@@ -189,11 +189,11 @@ def test_anil_training_step_moves_body_and_head(tmp_path: Path) -> None:
 
 
 def test_metasgd_config_checks() -> None:
-    assert not AlgorithmConfig(name="metasgd").first_order
+    assert learner_class("metasgd").capabilities.second_order
     with pytest.raises(ValueError, match="inner_optimizer must be sgd for metasgd"):
-        AlgorithmConfig(name="metasgd", inner_optimizer="adam")
+        algorithm_config(name="metasgd", inner_optimizer="adam")
     with pytest.raises(ValueError, match="eval_lr must be null for metasgd"):
-        AlgorithmConfig(name="metasgd", eval_lr=0.1)
+        algorithm_config(name="metasgd", eval_lr=0.1)
 
 
 def test_metasgd_rates_have_the_parameters_shapes_and_start_at_inner_lr() -> None:

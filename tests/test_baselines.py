@@ -20,7 +20,7 @@ from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
 from metabench.datasets.supervised import LabelledBatch, SupervisedDataModule, augment_images, epoch_order
 from metabench.datasets.synthetic import make_glyphs
-from metabench.models.algorithms import FineTuning, Transfer, build_algorithm
+from metabench.models.algorithms import FineTuning, Transfer
 from metabench.models.backbones import build_backbone, is_norm
 from metabench.models.baselines import (
     Baseline,
@@ -36,7 +36,8 @@ from metabench.models.baselines import (
     support_order,
     use_native_norm,
 )
-from metabench.models.hparams import AlgorithmConfig, FinetuneConfig
+from metabench.models.hparams import FinetuneConfig
+from metabench.models.learners import algorithm_config, build_algorithm
 from metabench.models.problems import Classification, Segmentation
 from metabench.records import read_record
 from metabench.runner import build_datamodule, build_module, run
@@ -170,7 +171,7 @@ def _batch(tasks: int = 2, ways: int = 5, shots: int = 1, queries: int = 3, seed
 def _module(name: str, classes: int = 12, **fields) -> ProtoNet | Baseline:
     torch.manual_seed(0)
     backbone = build_backbone("conv4-omniglot", 1, classes, 28, hidden=4)
-    config = AlgorithmConfig(name=name, **fields)
+    config = algorithm_config(name=name, **fields)
     return build_algorithm(backbone, Classification(), config, max_steps=10)  # type: ignore[return-value]
 
 
@@ -294,9 +295,9 @@ def test_step_decay_halves_the_learning_rate(tmp_path: Path) -> None:
 def test_wrong_uses_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="classification only"):
         build_algorithm(build_backbone("conv4-seg", 3, 1, 16, hidden=4), Segmentation(),
-                        AlgorithmConfig(name="protonet"), 1)
-    with pytest.raises(ValueError, match="patience is supported by protonet only"):
-        AlgorithmConfig(name="maml", patience=3)
+                        algorithm_config(name="protonet"), 1)
+    with pytest.raises(ValueError, match="patience is not used by .*protonet"):
+        algorithm_config(name="maml", patience=3)
     config = tiny_config(tmp_path, "maml", extra=["episodes.train_ways=10"])
     with pytest.raises(ConfigError, match="only protonet can train on episodes of other ways"):
         build_module(config, build_datamodule(config))

@@ -21,10 +21,11 @@ from torch.func import functional_call
 
 from metabench.config import resolve
 from metabench.datasets.episodes import MetaBatch
-from metabench.models.algorithms import MAML, MAMLPlusPlus, build_algorithm, cosine_lr, msl_weights
+from metabench.models.algorithms import MAML, MAMLPlusPlus, cosine_lr, msl_weights
 from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, Params, meta_backward, meta_loss
+from metabench.models.learners import algorithm_config, build_algorithm, learner_class
 from metabench.models.problems import Classification
 from metabench.records import read_record
 from tests.conftest import (
@@ -256,9 +257,9 @@ def test_da_gradient_is_fomamls_before_the_switch_and_mamls_after(engine: str) -
     """Derivative-order annealing over 2 epochs of 10 steps: the module's meta-gradient at epoch 1 is the FOMAML
     module's, at epoch 2 the MAML module's (same initialization, same batch), and the two differ."""
     da = _module(engine, first_order_epochs=2)
-    fomaml = build_algorithm(seeded_conv4(6, bn_noise=0.2), Classification(), AlgorithmConfig(
+    fomaml = build_algorithm(seeded_conv4(6, bn_noise=0.2), Classification(), algorithm_config(
         name="fomaml", inner_steps=STEPS, eval_steps=STEPS, inner_lr=LR, engine=engine, adapt_norm=False), 100)
-    maml = build_algorithm(seeded_conv4(6, bn_noise=0.2), Classification(), AlgorithmConfig(
+    maml = build_algorithm(seeded_conv4(6, bn_noise=0.2), Classification(), algorithm_config(
         name="maml", inner_steps=STEPS, eval_steps=STEPS, inner_lr=LR, engine=engine, adapt_norm=False), 100)
     assert da.inner_config(True).first_order and da.inner_config(False).first_order  # epoch 0; evaluation
     before, after = _step_gradient(da, 1), _step_gradient(da, 2)
@@ -407,23 +408,23 @@ def test_evaluation_uses_the_learned_rates_and_the_last_steps_batch_norm(bn_mode
 
 
 def test_config_checks() -> None:
-    assert not AlgorithmConfig(name="mamlpp").first_order
+    assert learner_class("mamlpp").capabilities.second_order
     for key, value in (("msl", True), ("lslr", True), ("per_step_bn", True), ("first_order_epochs", 2),
                        ("cosine_annealing", True)):
-        with pytest.raises(ValueError, match=f"algorithm.{key} is a MAML\\+\\+ switch"):
-            AlgorithmConfig(name="maml", **{key: value})
+        with pytest.raises(ValueError, match=f"algorithm.{key} is not used by .*a MAML\\+\\+ switch"):
+            algorithm_config(name="maml", **{key: value})
     with pytest.raises(ValueError, match="per_step_bn needs adapt_norm=false"):
-        AlgorithmConfig(name="mamlpp", per_step_bn=True, eval_steps=1)
+        algorithm_config(name="mamlpp", per_step_bn=True, eval_steps=1)
     with pytest.raises(ValueError, match="eval_steps .* must be <= inner_steps"):
-        AlgorithmConfig(name="mamlpp", lslr=True, inner_steps=2, eval_steps=3)
+        algorithm_config(name="mamlpp", lslr=True, inner_steps=2, eval_steps=3)
     with pytest.raises(ValueError, match="eval_lr must be null with lslr"):
-        AlgorithmConfig(name="mamlpp", lslr=True, eval_lr=0.1, eval_steps=1)
+        algorithm_config(name="mamlpp", lslr=True, eval_lr=0.1, eval_steps=1)
     with pytest.raises(ValueError, match="inner_optimizer must be sgd with lslr"):
-        AlgorithmConfig(name="mamlpp", lslr=True, inner_optimizer="adam", eval_steps=1)
+        algorithm_config(name="mamlpp", lslr=True, inner_optimizer="adam", eval_steps=1)
     with pytest.raises(ValueError, match="meta_lr_min"):
-        AlgorithmConfig(name="mamlpp", cosine_annealing=True, meta_lr_min=0.1)
+        algorithm_config(name="mamlpp", cosine_annealing=True, meta_lr_min=0.1)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        AlgorithmConfig(name="mamlpp", steps_per_epoch=0)
+        algorithm_config(name="mamlpp", steps_per_epoch=0)
     with pytest.raises(ValueError, match="no batch-norm"):
         make_norm_per_step(nn.Linear(2, 2), 3)
 

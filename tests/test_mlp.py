@@ -12,8 +12,8 @@ from torch import Tensor
 from metabench.config import ConfigError, resolve
 from metabench.models.algorithms import adapted_parameter_names
 from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
-from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, functional_loss, meta_loss, task_outputs
+from metabench.models.learners import algorithm_config
 from tests.conftest import DT, WAYS, meta_batch, rel_err, seeded_mlp
 from tests.conftest import TASKS as T
 
@@ -110,7 +110,7 @@ def test_adapt_norm_false_with_prefixes_and_errors() -> None:
     model = seeded_mlp(SIZE, HIDDEN)
     assert adapted_parameter_names(model, ["head"], adapt_norm=False) == {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="adapt_norm=false is not supported by reptile"):
-        AlgorithmConfig(name="reptile", adapt_norm=False)
+        algorithm_config(name="reptile", adapt_norm=False)
     only_norm = torch.nn.Sequential(BatchNorm1d(3))
     with pytest.raises(ValueError, match="leaves no parameter"):
         adapted_parameter_names(only_norm, None, adapt_norm=False)

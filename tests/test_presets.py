@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metabench.config import ALGORITHMS, AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
+from metabench.config import AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
 from metabench.datasets.omniglot import DRAWINGS
+from metabench.models.learners import algorithm_names, learner_class
 
 PAPER_BENCHMARKS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
                     "mini-imagenet-5w1s", "mini-imagenet-5w5s")
@@ -19,7 +20,7 @@ MAML_ARXIV, REPTILE_ARXIV = "1703.03400", "1803.02999"
 ANIL_ARXIV, METASGD_ARXIV = "1909.09157", "1707.09835"
 META_LEARNERS = ("maml", "fomaml", "reptile")  # every benchmark defines these; "transfer" only 1-way segmentation
 # every classification benchmark defines these too (the segmentation presets do not, yet)
-CLASSIFICATION_ALGORITHMS = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"]
+CLASSIFICATION_ALGORITHMS = [name for name in algorithm_names() if learner_class(name).capabilities.inner_loop]
 PROTONET_ARXIV, CHEN_ARXIV = "1703.05175", "1904.04232"
 
 
@@ -102,7 +103,7 @@ def test_anil_and_metasgd_cite_their_papers_and_otherwise_use_maml_values(benchm
     maml, anil, metasgd = (resolve(benchmark, a) for a in ("maml", "anil", "metasgd"))
     assert ANIL_ARXIV in anil.algorithm.source and METASGD_ARXIV in metasgd.algorithm.source
     for config in (anil, metasgd):
-        assert config.preset == "paper" and not config.algorithm.first_order
+        assert config.preset == "paper" and learner_class(config.algorithm.name).capabilities.second_order
         assert MAML_ARXIV in config.algorithm.source and "Abstract" in config.algorithm.source
         assert (config.episodes, config.trainer, config.model, config.data) == \
             (maml.episodes, maml.trainer, maml.model, maml.data)
@@ -182,7 +183,7 @@ def test_maml_protocol_sgd_inner_adam_outer_60k(benchmark: str) -> None:
 @pytest.mark.parametrize("benchmark", PAPER_BENCHMARKS)
 def test_fomaml_uses_maml_hyper_parameters(benchmark: str) -> None:
     maml, fomaml = resolve(benchmark, "maml"), resolve(benchmark, "fomaml")
-    assert fomaml.algorithm.first_order and not maml.algorithm.first_order
+    assert not learner_class("fomaml").capabilities.second_order and learner_class("maml").capabilities.second_order
     assert dataclasses.replace(fomaml.algorithm, name="maml", source="") == \
         dataclasses.replace(maml.algorithm, source="")
     assert (fomaml.episodes, fomaml.trainer) == (maml.episodes, maml.trainer)
@@ -335,7 +336,7 @@ def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
         assert "paper" in spec["presets"] and set(spec["presets"]) <= {"paper", "paper-mlp"}
         for preset, entries in spec["presets"].items():
             for algorithm, entry in entries.items():
-                assert algorithm in ALGORITHMS
+                assert algorithm in algorithm_names()
                 assert set(entry) <= allowed, f"{benchmark}/{preset}/{algorithm}: {sorted(set(entry) - allowed)}"
 
 

@@ -17,8 +17,8 @@ import torch
 from metabench.config import ConfigError, resolve
 from metabench.datasets.base import DatasetError
 from metabench.datasets.omniglot import load_omniglot, split_characters
-from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, InnerState, adapt_tasks, adapt_with_state, minibatch_rows
+from metabench.models.learners import algorithm_config
 from metabench.runner import build_datamodule, build_module, quiet_lightning, run, world_size
 from metabench.runner import test_run as retest
 from tests.conftest import TINY_GLYPHS, first_meta_batch, tiny_config
@@ -191,13 +191,13 @@ def test_inner_loss_sum_is_the_sum_of_per_image_losses() -> None:
 
 def test_bad_inner_state_settings_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="inner_state must be one of"):
-        AlgorithmConfig(name="reptile", inner_state="shared")
-    with pytest.raises(ValueError, match="supported by reptile only"):
-        AlgorithmConfig(name="fomaml", inner_state="persistent", inner_optimizer="adam")
+        algorithm_config(name="reptile", inner_state="shared")
+    with pytest.raises(ValueError, match="inner_state is not used by .*reptile"):
+        algorithm_config(name="fomaml", inner_state="persistent", inner_optimizer="adam")
     with pytest.raises(ValueError, match="needs inner_optimizer adam"):
-        AlgorithmConfig(name="reptile", inner_state="persistent", inner_optimizer="sgd")
+        algorithm_config(name="reptile", inner_state="persistent", inner_optimizer="sgd")
     with pytest.raises(ValueError, match="eval_inner_batch must be positive"):
-        AlgorithmConfig(name="reptile", eval_inner_batch=0)
+        algorithm_config(name="reptile", eval_inner_batch=0)
     persistent = ["algorithm.inner_state=persistent", "algorithm.inner_optimizer=adam"]
     config = tiny_config(tmp_path, "reptile", extra=persistent + ["trainer.devices=2", "trainer.strategy=ddp"])
     with pytest.raises(ConfigError, match="runs in one process"):

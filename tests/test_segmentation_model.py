@@ -15,10 +15,11 @@ from torch.func import functional_call
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
-from metabench.models.algorithms import MAML, Reptile, Transfer, adapted_parameter_names, build_algorithm
+from metabench.models.algorithms import MAML, Reptile, Transfer, adapted_parameter_names
 from metabench.models.backbones import build_backbone
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, meta_loss, reptile_update
+from metabench.models.learners import algorithm_config, build_algorithm
 from metabench.models.problems import Classification, Segmentation, episode_counts, fb_iou, mean_iou
 from metabench.models.segmentation import ConvSeg
 from metabench.runner import quiet_lightning
@@ -54,7 +55,7 @@ def fake_datamodule(ways: int = 1, shots: int = 1, queries: int = 2, meta_batch:
 def make(name: str, ways: int = 1, hidden: int = 4, size: int = 16, **hparams) -> tuple:
     torch.manual_seed(0)
     backbone = build_backbone("conv4-seg", 3, ways, size, hidden=hidden)
-    config = AlgorithmConfig(name=name, meta_batch=2, inner_steps=2, inner_lr=0.1, eval_steps=2, meta_lr=0.01,
+    config = algorithm_config(name=name, meta_batch=2, inner_steps=2, inner_lr=0.1, eval_steps=2, meta_lr=0.01,
                              engine="sequential", **hparams)
     return build_algorithm(backbone, Segmentation(), config, max_steps=10), config
 
@@ -110,16 +111,16 @@ def test_adapt_prefixes_select_parameters() -> None:
     with pytest.raises(ValueError, match=r"prefix 'deco' matches no parameter.*decoder, encoder, head"):
         adapted_parameter_names(net, ["deco"])
     with pytest.raises(ValueError, match="not supported by reptile"):
-        AlgorithmConfig(name="reptile", adapt=["head"])
+        algorithm_config(name="reptile", adapt=["head"])
     with pytest.raises(ValueError, match="non-empty list"):
-        AlgorithmConfig(name="maml", adapt=[])
+        algorithm_config(name="maml", adapt=[])
 
 
 def test_maml_with_head_only_adaptation_matches_a_hand_written_reference() -> None:
     """Inner steps touch only ``head.*``; the outer (second-order) gradient still reaches the encoder."""
     torch.manual_seed(0)
     net = ConvSeg(3, 1, 8, hidden=2).double()
-    module = MAML(net, Segmentation(), AlgorithmConfig(name="maml", inner_steps=2, inner_lr=0.5, adapt=["head"],
+    module = MAML(net, Segmentation(), algorithm_config(name="maml", inner_steps=2, inner_lr=0.5, adapt=["head"],
                                                        engine="sequential"), max_steps=1)
     assert set(module.params()) == {"head.weight", "head.bias"}
     sx, qx = torch.rand(2, 1, 3, 8, 8, dtype=torch.float64), torch.rand(2, 2, 3, 8, 8, dtype=torch.float64)
@@ -195,7 +196,7 @@ def test_transfer_refuses_labels_that_are_not_class_agnostic() -> None:
     with pytest.raises(ValueError, match="1-way"):
         make("transfer", ways=2)
     with pytest.raises(ValueError, match="segmentation only"):
-        Transfer(torch.nn.Linear(2, 2), Classification(), AlgorithmConfig(name="transfer"), 1)
+        Transfer(torch.nn.Linear(2, 2), Classification(), algorithm_config(name="transfer"), 1)
 
 
 # -- evaluation collects mIoU and FB-IoU -------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_two_way_segmentation_trains_with_maml() -> None:
 def test_classification_modules_are_unchanged() -> None:
     """Classification still adapts every parameter and has no segmentation metrics."""
     net = build_backbone("conv4", 1, 5, 28, hidden=4)
-    module = build_algorithm(net, Classification(), AlgorithmConfig(name="reptile"), 1)
+    module = build_algorithm(net, Classification(), algorithm_config(name="reptile"), 1)
     assert isinstance(module, Reptile) and set(module.params()) == {n for n, _ in net.named_parameters()}
     assert module.test_metrics == {}
     assert dataclasses.asdict(AlgorithmConfig())["adapt"] is None
