@@ -214,9 +214,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from metabench.config import preset_algorithms, resolve
-    from metabench.report import print_comparison
-    from metabench.runner import run
+    from metabench.run.config import preset_algorithms, resolve
+    from metabench.report.terminal import print_comparison
+    from metabench.run.runner import run
 
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
@@ -242,9 +242,9 @@ def add_run(sub: Subparsers) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from metabench.config import preset_algorithms, resolve
-    from metabench.report import print_comparison
-    from metabench.runner import test_run
+    from metabench.run.config import preset_algorithms, resolve
+    from metabench.report.terminal import print_comparison
+    from metabench.run.runner import test_run
 
     if args.weights:
         return cmd_test_weights(args)
@@ -277,8 +277,8 @@ def add_test(sub: Subparsers) -> None:
 # -- checking a result: verify, publish, test --weights ----------------------------------------------------
 
 def cmd_test_weights(args: argparse.Namespace) -> int:
-    from metabench.published import test_weights
-    from metabench.report import print_comparison
+    from metabench.run.published import test_weights
+    from metabench.report.terminal import print_comparison
 
     if args.algorithm or args.preset or args.config:
         raise ValueError("--weights takes the algorithm, preset and configuration from the weights' record")
@@ -296,7 +296,7 @@ def cmd_test_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from metabench.verify import verify
+    from metabench.run.verify import verify
 
     overrides = _options(args.set, "--set")
     for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir")):
@@ -325,10 +325,10 @@ def add_verify(sub: Subparsers) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from metabench.config import build_config
-    from metabench.records import read_record
-    from metabench.runner import run_dir_for
-    from metabench.weights import publish
+    from metabench.run.config import build_config
+    from metabench.run.records import read_record
+    from metabench.run.runner import run_dir_for
+    from metabench.run.weights import publish
 
     for name in args.record:
         record = read_record(name)
@@ -356,7 +356,7 @@ def add_publish(sub: Subparsers) -> None:
 def run_args_resolver() -> Callable[[list[str]], Any]:
     """A function from ``metabench run`` arguments to the configuration that run trains (one algorithm): the grid
     resolves each cell by parsing the very arguments its process, or a W&B agent, will get."""
-    from metabench.config import resolve
+    from metabench.run.config import resolve
 
     parser = build_parser()
 
@@ -399,7 +399,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _grid_plan(args: argparse.Namespace):
-    from metabench.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
+    from metabench.run.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
 
     file = load_grid_file(args.grid) if args.grid else {}
     vary: dict[str, list] = {}
@@ -416,7 +416,7 @@ def _grid_plan(args: argparse.Namespace):
 
 
 def cmd_grid_run(args: argparse.Namespace) -> int:
-    from metabench.grid import run_grid
+    from metabench.run.grid import run_grid
 
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
@@ -425,7 +425,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_list(args: argparse.Namespace) -> int:
-    from metabench.grid import list_cells
+    from metabench.run.grid import list_cells
 
     _, plan, _ = _grid_plan(args)
     list_cells(plan)
@@ -433,8 +433,8 @@ def cmd_grid_list(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_sweep(args: argparse.Namespace) -> int:
-    from metabench.atomic import atomic_write_bytes
-    from metabench.sweep import sweep_config, sweep_yaml
+    from metabench.core.atomic import atomic_write_bytes
+    from metabench.run.sweep import sweep_config, sweep_yaml
 
     spec, plan, resolve_args = _grid_plan(args)
     config = sweep_config(spec, plan, resolve_args, name=args.name, project=args.project, entity=args.entity,
@@ -475,31 +475,31 @@ def add_grid(sub: Subparsers) -> None:
 # -- bench --------------------------------------------------------------------------------------------------
 
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
-    from metabench.episode_throughput import main as bench_main
+    from metabench.perf.episode_throughput import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_steps(args: argparse.Namespace) -> int:
-    from metabench.step_time import main as bench_main
+    from metabench.perf.step_time import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from metabench.scaling import main as bench_main
+    from metabench.perf.scaling import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
-    from metabench.profile_step import main as bench_main
+    from metabench.perf.profile_step import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from metabench.speed import main as bench_main
+    from metabench.perf.speed import main as bench_main
 
     return bench_main(args)
 
@@ -545,7 +545,7 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
     p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in the process first "
-                   "(metabench.allocator)")
+                   "(metabench.core.allocator)")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then profile-<benchmark>.json)")
     p.set_defaults(func=cmd_bench_profile)
 
@@ -568,7 +568,7 @@ def _add_bench_speed(bench: Subparsers) -> None:
     p.add_argument("--no-isolate", action="store_true",
                    help="all cells in this process (faster; CPU memory numbers then unreliable)")
     p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in each cell's process "
-                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.allocator)")
+                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.core.allocator)")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
     p.set_defaults(func=cmd_bench_speed)
 
@@ -591,7 +591,7 @@ def readme_target(args: argparse.Namespace) -> str | None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from metabench.leaderboard import make_leaderboard
+    from metabench.report.leaderboard import make_leaderboard
 
     result = make_leaderboard(args.records, args.out, readme=readme_target(args))
     for problem in result.problems:
@@ -599,7 +599,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for path in result.paths:
         print(path)
     if args.wandb:
-        from metabench.wandb_logging import log_leaderboard
+        from metabench.run.wandb_logging import log_leaderboard
 
         log_leaderboard(result.tables, result.paths[2], reproductions=result.reproductions)
     return result.exit_status
@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metabench.checkpoints import LostProcessError, NoCheckpointError
+    from metabench.run.checkpoints import LostProcessError, NoCheckpointError
     from metabench.datasets.base import DatasetError
 
     parser = build_parser()

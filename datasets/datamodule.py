@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
-from metabench.distributed import round_robin, task_slice, world
+from metabench.core.distributed import round_robin, task_slice, world
 
 SplitLoader = Callable[[str], ImageSplit]
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from metabench.datasets.episodes import MetaBatch
-from metabench.distributed import all_reduce_gradients, broadcast_object, gather_in_order
+from metabench.core.distributed import all_reduce_gradients, broadcast_object, gather_in_order
 from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (
@@ -66,7 +66,7 @@ from metabench.models.inner_loop import (
     with_step_params,
 )
 from metabench.models.problems import Classification, Segmentation
-from metabench.stats import mean_ci95
+from metabench.core.stats import mean_ci95
 
 Problem = Classification | Segmentation
 

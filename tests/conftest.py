@@ -23,7 +23,7 @@ from metabench.models.backbones import MLP, Conv4
 if TYPE_CHECKING:
     import lightning as L
 
-    from metabench.config import RunConfig
+    from metabench.run.config import RunConfig
     from metabench.datasets.datamodule import EpisodicDataModule
     from metabench.datasets.episodes import MetaBatch
 
@@ -174,7 +174,7 @@ def local_run(tmp_path: Path) -> list[str]:
 
 def tiny_config(tmp_path: Path, algorithm: str, steps: int = 8, extra: list[str] | None = None) -> RunConfig:
     """``synthetic-5w1s`` with :data:`TINY_RUN`, ``steps`` training steps, :func:`local_run` and ``extra``."""
-    from metabench.config import resolve
+    from metabench.run.config import resolve
 
     overrides = TINY_RUN + [f"trainer.max_steps={steps}"] + local_run(tmp_path) + (extra or [])
     return resolve("synthetic-5w1s", algorithm, overrides=overrides)
@@ -195,7 +195,7 @@ def fit_one_step(module: L.LightningModule, dm: EpisodicDataModule) -> None:
     """One quiet Lightning training step of ``module`` on ``dm``, on the CPU, no validation, nothing saved."""
     import lightning as L
 
-    from metabench.runner import quiet_lightning
+    from metabench.run.runner import quiet_lightning
 
     quiet_lightning()
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

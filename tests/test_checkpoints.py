@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metabench.checkpoints import KeepPreviousCheckpointIO, NoCheckpointError, readable_checkpoint
+from metabench.run.checkpoints import KeepPreviousCheckpointIO, NoCheckpointError, readable_checkpoint
 from tests.conftest import TINY_RUN, set_flags
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from metabench.config import resolve
-from metabench.runner import run
+from metabench.run.config import resolve
+from metabench.run.runner import run
 from tests.conftest import local_run
 
 STEPS = {"maml": 250, "fomaml": 250, "anil": 250, "metasgd": 250, "mamlpp": 250, "reptile": 400, "protonet": 400,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metabench.config import ConfigError, resolve
+from metabench.run.config import ConfigError, resolve
 from metabench.models.algorithms import adapted_parameter_names
 from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
 from metabench.models.hparams import AlgorithmConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metabench.config import ALGORITHMS, AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
+from metabench.run.config import ALGORITHMS, AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
 from metabench.datasets.omniglot import DRAWINGS
 
 PAPER_BENCHMARKS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",

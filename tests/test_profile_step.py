@@ -10,7 +10,7 @@ import torch
 
 from metabench.cli import main
 from metabench.models.inner_loop import meta_loss
-from metabench.profile_step import PHASES, PhasedStep, profile_phases
+from metabench.perf.profile_step import PHASES, PhasedStep, profile_phases
 from tests.conftest import meta_batch, seeded_conv4
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from metabench.config import resolve
-from metabench.runner import run
+from metabench.run.config import resolve
+from metabench.run.runner import run
 from tests.conftest import local_run
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from metabench import verify as verify_module
-from metabench.published import test_weights as evaluate_weights
-from metabench.records import read_record, record_path
-from metabench.runner import RunResult, run
-from metabench.runner import test_run as retest_run
-from metabench.verify import VerifyError, code_changes, verify
-from metabench.weights import WEIGHTS_FILE, WeightsError, publish, read_weights, state_sha256, write_weights
+from metabench.run import verify as verify_module
+from metabench.run.published import test_weights as evaluate_weights
+from metabench.run.records import read_record, record_path
+from metabench.run.runner import RunResult, run
+from metabench.run.runner import test_run as retest_run
+from metabench.run.verify import VerifyError, code_changes, verify
+from metabench.run.weights import WEIGHTS_FILE, WeightsError, publish, read_weights, state_sha256, write_weights
 from tests.conftest import tiny_config
 
 

@@ -25,9 +25,9 @@ import pytest
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from metabench.records import read_record  # noqa: E402
-from metabench.runner import run  # noqa: E402
-from metabench.wandb_logging import has_api_key  # noqa: E402
+from metabench.run.records import read_record  # noqa: E402
+from metabench.run.runner import run  # noqa: E402
+from metabench.run.wandb_logging import has_api_key  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 FAKE_KEY = "fake" * 10  # 40 characters: the shape of a real key

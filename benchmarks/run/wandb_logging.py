@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from metabench.records import Record
+from metabench.run.records import Record
 
 # wandb >= 0.31 talks to api.forge.coreweave.com by default and, failing a netrc entry for it, uses the
 # entry for api.wandb.ai behind it (which older releases used alone).
@@ -110,7 +110,7 @@ def log_leaderboard(tables: Any, html_path: Path, save_dir: Path | None = None, 
     """
     import wandb
 
-    from metabench.leaderboard import CSV_COLUMNS, csv_rows
+    from metabench.report.leaderboard import CSV_COLUMNS, csv_rows
 
     mode = os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
     # As the CSV writes them (text): one type per column, whatever a row leaves empty.

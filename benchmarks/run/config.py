@@ -76,7 +76,7 @@ class TrainerConfig:
     # spinning threads can slow small convolutions many-fold; 1 thread is the robust choice there.
     cpu_threads: int | None = None
     # Processes: ``devices`` per node x ``num_nodes``, each with its share of every meta-batch (strategy "ddp",
-    # benchmarks/distributed.py); "auto" is one process. Records do not depend on the number of processes.
+    # benchmarks/core/distributed.py); "auto" is one process. Records do not depend on the number of processes.
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"

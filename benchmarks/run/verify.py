@@ -21,13 +21,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from metabench.config import ConfigError, RunConfig, build_config
+from metabench.run.config import ConfigError, RunConfig, build_config
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.models.inner_loop import engine_candidates
-from metabench.provenance import data_sha256
-from metabench.records import Record, git_commit, read_record, versions
-from metabench.runner import _Clock, _Curve, _prepare, _random_init_baseline, build_datamodule, device_name
+from metabench.run.provenance import data_sha256
+from metabench.run.records import Record, git_commit, read_record, versions
+from metabench.run.runner import _Clock, _Curve, _prepare, _random_init_baseline, build_datamodule, device_name
 
 # What verify may change (``--set``): where the data is and how the steps execute, never what they compute.
 VERIFY_KEYS = ("trainer.cpu_threads", "trainer.accelerator", "data.root", "data.cache_dir", "data.resident",

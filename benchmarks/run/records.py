@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from metabench.atomic import atomic_write_bytes
-from metabench.stats import mean_ci95
+from metabench.core.atomic import atomic_write_bytes
+from metabench.core.stats import mean_ci95
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: before the provenance fields (execution, data and weights sha256)
@@ -66,8 +66,8 @@ class Record:
     # (torch intra-op threads per process), "training": [[first step, processes, threads], ...] one entry per
     # training session (a resume starts a new one; [] when the checkpoint did not say)}. Empty before schema 2.
     execution: dict[str, Any] = field(default_factory=dict)
-    data_sha256: str | None = None  # the prepared splits read (metabench.provenance.data_sha256)
-    weights_sha256: str | None = None  # the final weights (metabench.weights.state_sha256)
+    data_sha256: str | None = None  # the prepared splits read (metabench.run.provenance.data_sha256)
+    weights_sha256: str | None = None  # the final weights (metabench.run.weights.state_sha256)
     schema_version: int = SCHEMA_VERSION
 
     def validate(self, where: str = "record") -> None:

@@ -6,7 +6,7 @@ their digest, identical for every algorithm and seed.
 
 Processes: ``trainer.strategy: ddp`` with ``trainer.devices`` x ``trainer.num_nodes`` processes runs Lightning's
 DDP launch (its own processes, or those of torchrun / SLURM, which Lightning detects) with :class:`MetaDDP`.
-Every process runs this whole file's flow on its share of the work (``benchmarks/distributed.py``); only rank 0
+Every process runs this whole file's flow on its share of the work (``benchmarks/core/distributed.py``); only rank 0
 writes the record, checkpoints (Lightning) and logs.
 """
 
@@ -34,23 +34,23 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
-from metabench.atomic import atomic_write_bytes
-from metabench.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
-from metabench.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
+from metabench.core.atomic import atomic_write_bytes
+from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
+from metabench.run.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
 from metabench.datasets.supervised import SupervisedDataModule
-from metabench.distributed import check_world
+from metabench.core.distributed import check_world
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
 from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
 from metabench.models.problems import Classification, Segmentation
-from metabench.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
-from metabench.records import Record, git_commit, versions, write_record
-from metabench.stats import mean_ci95
-from metabench.weights import save_run_weights
+from metabench.run.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
+from metabench.run.records import Record, git_commit, versions, write_record
+from metabench.core.stats import mean_ci95
+from metabench.run.weights import save_run_weights
 
 
 @dataclass
@@ -298,7 +298,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None and config.logger == "wandb":
-        from metabench.wandb_logging import log_record
+        from metabench.run.wandb_logging import log_record
         log_record(logger, record, path)
     return RunResult(record, path, run_dir)
 
@@ -307,7 +307,7 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
          clock: _Clock, curve: _Curve, progress: bool, start: Path | None,
          sessions: TrainingSessions | None = None) -> tuple[L.Trainer, Any]:
     """Lightning training (from checkpoint ``start`` when given) with checkpoints every ``checkpoint_every`` steps,
-    written atomically with the previous one kept (``benchmarks/checkpoints.py``); ``last.ckpt`` holds the final
+    written atomically with the previous one kept (``benchmarks/run/checkpoints.py``); ``last.ckpt`` holds the final
     step. A lost process of a several-process run ends it with one line (:class:`LostProcessError`)."""
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
@@ -436,7 +436,7 @@ def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig,
                          other_benchmark: bool = False) -> None:
     """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol.
 
-    Training episode shapes are compared as training used them (:func:`metabench.config.training_shape`);
+    Training episode shapes are compared as training used them (:func:`metabench.run.config.training_shape`);
     ``algorithm.source`` (a citation) is not compared, nor ``benchmark`` when the run was trained under another
     benchmark on purpose (``--trained-benchmark``: e.g. Reptile's 1-shot and 5-shot cells share one training). A key
     the trained configuration lacks (a run saved before that key existed) counts as its default value.
@@ -517,7 +517,7 @@ def _logger(config: RunConfig, run_dir: Path):
         from lightning.pytorch.loggers import CSVLogger
         return CSVLogger(str(run_dir), name="logs")
     if config.logger == "wandb":
-        from metabench.wandb_logging import make_wandb_logger
+        from metabench.run.wandb_logging import make_wandb_logger
         return make_wandb_logger(config, run_dir)
     raise ValueError(f"unknown logger {config.logger!r}; use none, csv or wandb")
 

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from metabench.atomic import atomic_write_bytes
-from metabench.records import Record, RecordError, read_record
-from metabench.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
+from metabench.core.atomic import atomic_write_bytes
+from metabench.run.records import Record, RecordError, read_record
+from metabench.core.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
 
 if TYPE_CHECKING:
-    from metabench.reproductions import Reproduction
+    from metabench.report.reproductions import Reproduction
 
-PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+PAPER_RESULTS = Path(__file__).parents[1] / "paper_results.yaml"  # benchmarks/paper_results.yaml
 
 REPRODUCED, OVERLAP, BELOW, NO_PAPER = "reproduced", "CIs overlap", "below", "—"
 
@@ -704,13 +704,13 @@ def _write_text(path: Path, text: str) -> None:
 def make_leaderboard(records_dir: str | Path = "results/records", out_dir: str | Path = "results",
                      paper_results: str | Path = PAPER_RESULTS, readme: str | Path | None = None) -> LeaderboardResult:
     """Read every record, write ``LEADERBOARD.md``, ``leaderboard.csv`` and ``leaderboard.html``, and with
-    ``readme`` rewrite that file's reproductions block (:func:`metabench.reproductions.replace_block`).
+    ``readme`` rewrite that file's reproductions block (:func:`metabench.report.reproductions.replace_block`).
 
     Bad files are skipped (listed in ``problems`` and on the page); raises :class:`LeaderboardError` when
     no record is usable at all, or when ``readme`` lacks the block's markers (checked before anything is written).
     """
-    from metabench.leaderboard_html import render_html
-    from metabench.reproductions import build_reproductions, readme_block, replace_block, summary_markdown
+    from metabench.report.leaderboard_html import render_html
+    from metabench.report.reproductions import build_reproductions, readme_block, replace_block, summary_markdown
 
     readme_text = None
     if readme is not None:  # its markers are checked before anything is read or written

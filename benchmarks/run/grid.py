@@ -3,7 +3,7 @@
 
 A grid is run on this machine (:func:`run_grid`: one cell after another or N at a time, each as its own
 ``metabench run`` process, skipping a cell whose record exists and resuming one whose run folder holds a
-checkpoint) or written as a W&B grid Sweep (:mod:`metabench.sweep`) whose agents run the same ``metabench run``
+checkpoint) or written as a W&B grid Sweep (:mod:`metabench.run.sweep`) whose agents run the same ``metabench run``
 arguments on any number of machines. Either way a cell is named on the command line exactly as a W&B agent
 names it (``--benchmark=B --algorithm=A --preset=P --seed=S --algorithm.inner_lr=0.1``), and its configuration
 is resolved by parsing those arguments with ``metabench run``'s own parser (the ``resolve_args`` callable).
@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metabench.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
+from metabench.run.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
 from metabench.models.hparams import ALGORITHMS
-from metabench.records import Record, RecordError, read_record
+from metabench.run.records import Record, RecordError, read_record
 
 T = TypeVar("T")
 Resolver = Callable[[list[str]], RunConfig]  # `metabench run` arguments -> the configuration that run trains
@@ -250,7 +250,7 @@ def expand(spec: GridSpec, resolve_args: Resolver) -> Plan:
     benchmark) is skipped with a note; a preset or algorithm that no benchmark of the grid defines, a cell whose
     configuration does not resolve, and two cells sharing a run folder are errors naming them.
     """
-    from metabench.runner import world_size  # torch and Lightning: only once there is a grid to check
+    from metabench.run.runner import world_size  # torch and Lightning: only once there is a grid to check
 
     combos, notes = _combinations(spec)
     varied = [[(key, value) for value in values] for key, values in spec.vary.items()]
@@ -340,7 +340,7 @@ def _check_varied_values(cell: Cell, config: RunConfig) -> None:
 
 
 def _check_run_folders(planned: list[PlannedCell]) -> None:
-    from metabench.runner import run_dir_for
+    from metabench.run.runner import run_dir_for
 
     seen: dict[Path, str] = {}
     for item in planned:
@@ -414,7 +414,7 @@ def cell_state(item: PlannedCell, index: RecordIndex) -> CellState:
     """Where a cell stands: its record; else the process that holds its run folder's :class:`RunLock`; else its
     run folder's checkpoint (resumable only if the folder's ``config.json`` is the cell's configuration up to
     :data:`EXECUTION_KEYS`)."""
-    from metabench.runner import run_dir_for
+    from metabench.run.runner import run_dir_for
 
     record = index.find(item.config)
     if record is not None:
@@ -608,7 +608,7 @@ def run_grid(plan: Plan, parallel: int = 1, console: Console | None = None) -> G
     among the processes (at least one each). A cell that exits non-zero, or exits 0 without a matching record,
     is reported as failed; the others still run.
     """
-    from metabench.runner import run_dir_for
+    from metabench.run.runner import run_dir_for
 
     if parallel < 1:
         raise GridError(f"--parallel must be >= 1, got {parallel}")

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from metabench.config import ConfigError, flatten_config, list_benchmarks, resolve
-from metabench.leaderboard import (
+from metabench.run.config import ConfigError, flatten_config, list_benchmarks, resolve
+from metabench.report.leaderboard import (
     BELOW,
     OVERLAP,
     REPRODUCED,
@@ -46,7 +46,7 @@ CONTEXT_TEXT = ("the paper's test protocol (class split, query images per class)
 SUMMARY_HEADINGS = ["table · row", "benchmark", "network", "test protocol", "paper %", "ours % (95% CI)", "seeds",
                     "Δ", "verdict / state"]
 
-# A record's configuration keys that say where or how a run executed, never what it computed (metabench.grid's
+# A record's configuration keys that say where or how a run executed, never what it computed (metabench.run.grid's
 # EXECUTION_KEYS), and its bookkeeping: neither belongs in the command that reproduces it.
 _NOT_IN_COMMANDS = ("algorithm.source",)  # a citation, not a value
 _RUN_BOOKKEEPING = ("trainer.val_every", "trainer.checkpoint_every")  # metabench test need not repeat them
@@ -216,7 +216,7 @@ def record_commands(config: dict[str, Any]) -> list[str]:
     protocol's keys. Paths and execution options (data root, devices, threads, engine: no result depends on
     them) are left out; so is the run's validation and checkpoint cadence from the test command, which does not
     need it."""
-    from metabench.grid import EXECUTION_KEYS  # what a run computes does not depend on these
+    from metabench.run.grid import EXECUTION_KEYS  # what a run computes does not depend on these
 
     benchmark, algorithm, preset = str(config["benchmark"]), str(config["algorithm"]["name"]), str(config["preset"])
     base = f"--benchmark {benchmark} --algorithm {algorithm} --preset {preset}"
@@ -230,7 +230,7 @@ def record_commands(config: dict[str, Any]) -> list[str]:
                  and wanted.get(k, missing) != v}
     if "tested_checkpoint" not in (config.get("resolved") or {}):
         return [f"metabench run {base}{_arguments(differing)}"]
-    from metabench.runner import TEST_PROTOCOL_KEYS  # what metabench test may change (imports torch: only here)
+    from metabench.run.runner import TEST_PROTOCOL_KEYS  # what metabench test may change (imports torch: only here)
 
     # The run's cadence is the run's (the test keeps it from the run folder); the rest a test may change is the test's.
     train = {k: v for k, v in differing.items() if k not in TEST_PROTOCOL_KEYS or k in _RUN_BOOKKEEPING}

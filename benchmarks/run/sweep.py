@@ -1,5 +1,5 @@
 """A grid as a W&B Sweep: the sweep configuration (method ``grid``) whose agents run the grid's cells, each as
-``metabench run`` with the cell's arguments in the agent's format (see :mod:`metabench.grid`)."""
+``metabench run`` with the cell's arguments in the agent's format (see :mod:`metabench.run.grid`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from metabench.config import RunConfig
-from metabench.grid import GridError, GridSpec, Plan, Resolver, expand
+from metabench.run.config import RunConfig
+from metabench.run.grid import GridError, GridSpec, Plan, Resolver, expand
 from metabench.models.hparams import ALGORITHMS
 
 # The macro the agent replaces by the cell's parameters. W&B's documentation (Sweep configuration options,
