@@ -133,6 +133,25 @@ def test_code_changes_are_named(tmp_path: Path) -> None:
     assert code_changes(commit, tmp_path) == f"code differs: models/inner_loop.py changed since {commit[:10]}"
 
 
+def test_code_changes_follow_training_code_across_a_move(tmp_path: Path) -> None:
+    """A record made before the layout of issue 24 names a commit with benchmarks/runner.py and stats.py: moved
+    unchanged they are no change; moved and edited, the edit is named by the file's path now."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("runner.py", "stats.py"):
+        (tmp_path / "benchmarks" / name).write_text(f"# {name}\nx = 1\n")
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for old, new in (("runner.py", "run/runner.py"), ("stats.py", "core/stats.py")):
+        (tmp_path / "benchmarks" / new).parent.mkdir(exist_ok=True)
+        subprocess.run([*git, "mv", f"benchmarks/{old}", f"benchmarks/{new}"], cwd=tmp_path, check=True)
+    assert code_changes(commit, tmp_path) is None
+    (tmp_path / "benchmarks" / "run" / "runner.py").write_text("# runner.py\nx = 2\n")
+    assert code_changes(commit, tmp_path) == f"code differs: benchmarks/run/runner.py changed since {commit[:10]}"
+
+
 def test_verify_refuses_records_it_cannot_rebuild(published: Published, tmp_path: Path) -> None:
     with pytest.raises(VerifyError, match="no validation curve"):
         verify(edited(published.record, tmp_path / "a.json", lambda d: d.update(curve=[])))
