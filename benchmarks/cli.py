@@ -214,8 +214,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from metabench.run.config import preset_algorithms, resolve
     from metabench.report.terminal import print_comparison
+    from metabench.run.config import preset_algorithms, resolve
     from metabench.run.runner import run
 
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
@@ -242,8 +242,8 @@ def add_run(sub: Subparsers) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from metabench.run.config import preset_algorithms, resolve
     from metabench.report.terminal import print_comparison
+    from metabench.run.config import preset_algorithms, resolve
     from metabench.run.runner import test_run
 
     if args.weights:
@@ -277,8 +277,8 @@ def add_test(sub: Subparsers) -> None:
 # -- checking a result: verify, publish, test --weights ----------------------------------------------------
 
 def cmd_test_weights(args: argparse.Namespace) -> int:
-    from metabench.run.published import test_weights
     from metabench.report.terminal import print_comparison
+    from metabench.run.published import test_weights
 
     if args.algorithm or args.preset or args.config:
         raise ValueError("--weights takes the algorithm, preset and configuration from the weights' record")
@@ -591,7 +591,7 @@ def readme_target(args: argparse.Namespace) -> str | None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from metabench.report.leaderboard import make_leaderboard
+    from metabench.report.make import make_leaderboard
 
     result = make_leaderboard(args.records, args.out, readme=readme_target(args))
     for problem in result.problems:
@@ -599,7 +599,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for path in result.paths:
         print(path)
     if args.wandb:
-        from metabench.run.wandb_logging import log_leaderboard
+        from metabench.report.wandb_leaderboard import log_leaderboard
 
         log_leaderboard(result.tables, result.paths[2], reproductions=result.reproductions)
     return result.exit_status
@@ -631,8 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metabench.run.checkpoints import LostProcessError, NoCheckpointError
     from metabench.datasets.base import DatasetError
+    from metabench.run.checkpoints import LostProcessError, NoCheckpointError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from metabench.core.distributed import round_robin, task_slice, world
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
-from metabench.core.distributed import round_robin, task_slice, world
 
 SplitLoader = Callable[[str], ImageSplit]
 

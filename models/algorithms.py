@@ -42,8 +42,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from metabench.datasets.episodes import MetaBatch
 from metabench.core.distributed import all_reduce_gradients, broadcast_object, gather_in_order
+from metabench.core.stats import mean_ci95
+from metabench.datasets.episodes import MetaBatch
 from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import (
@@ -66,7 +67,6 @@ from metabench.models.inner_loop import (
     with_step_params,
 )
 from metabench.models.problems import Classification, Segmentation
-from metabench.core.stats import mean_ci95
 
 Problem = Classification | Segmentation
 

@@ -23,9 +23,9 @@ from metabench.models.backbones import MLP, Conv4
 if TYPE_CHECKING:
     import lightning as L
 
-    from metabench.run.config import RunConfig
     from metabench.datasets.datamodule import EpisodicDataModule
     from metabench.datasets.episodes import MetaBatch
+    from metabench.run.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from metabench.run.config import resolve
 from metabench.models.inner_loop import adapt_tasks, reptile_update
+from metabench.run.config import resolve
 from metabench.run.runner import build_datamodule, build_module
 from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench.cli import main as cli_main
-from metabench.run.config import ConfigError
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
 from metabench.datasets.supervised import LabelledBatch, SupervisedDataModule, augment_images, epoch_order
@@ -38,6 +37,7 @@ from metabench.models.baselines import (
 )
 from metabench.models.hparams import AlgorithmConfig, FinetuneConfig
 from metabench.models.problems import Classification, Segmentation
+from metabench.run.config import ConfigError
 from metabench.run.records import read_record
 from metabench.run.runner import build_datamodule, build_module, run
 from tests.conftest import (

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metabench.run.config import ConfigError
-from metabench.datasets.episodes import MetaBatch
 from metabench.core.distributed import broadcast_object, gather_in_order, round_robin, task_slice
+from metabench.datasets.episodes import MetaBatch
+from metabench.run.config import ConfigError
 from metabench.run.records import read_record
 from metabench.run.runner import _prepare, run, world_size
 from tests.conftest import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config

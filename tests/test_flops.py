@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from metabench.perf.flops import count_flops, gemm_rate
 from metabench.models.backbones import Conv4
 from metabench.models.inner_loop import InnerConfig, meta_loss
+from metabench.perf.flops import count_flops, gemm_rate
 from tests.conftest import conv4_image, meta_batch, seeded_conv4
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metabench.report.leaderboard import make_leaderboard
+from metabench.report.make import make_leaderboard
 from metabench.run.records import write_record
 from tests.test_leaderboard import _pattern, make_record, write_fixture
 

@@ -17,15 +17,15 @@ import pytest
 from metabench import cli
 from metabench.report.leaderboard import (
     BELOW,
-    CSV_COLUMNS,
     OVERLAP,
     REPRODUCED,
     LeaderboardError,
     PaperResult,
     build_tables,
     load_paper_results,
-    make_leaderboard,
 )
+from metabench.report.leaderboard_csv import CSV_COLUMNS
+from metabench.report.make import make_leaderboard
 from metabench.report.reproductions import (
     BEGIN,
     CONTEXT,

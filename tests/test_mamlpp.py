@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metabench.run.config import resolve
 from metabench.datasets.episodes import MetaBatch
 from metabench.models.algorithms import MAML, MAMLPlusPlus, build_algorithm, cosine_lr, msl_weights
 from metabench.models.backbones import is_norm, make_norm_per_step
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, Params, meta_backward, meta_loss
 from metabench.models.problems import Classification
+from metabench.run.config import resolve
 from metabench.run.records import read_record
 from tests.conftest import (
     DT,

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metabench.run.config import ConfigError, resolve
 from metabench.models.algorithms import adapted_parameter_names
 from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, functional_loss, meta_loss, task_outputs
+from metabench.run.config import ConfigError, resolve
 from tests.conftest import DT, WAYS, meta_batch, rel_err, seeded_mlp
 from tests.conftest import TASKS as T
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metabench.run.config import ALGORITHMS, AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
 from metabench.datasets.omniglot import DRAWINGS
+from metabench.run.config import ALGORITHMS, AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
 
 PAPER_BENCHMARKS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
                     "mini-imagenet-5w1s", "mini-imagenet-5w5s")

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from metabench.run.config import ConfigError, resolve
 from metabench.datasets.base import DatasetError
 from metabench.datasets.omniglot import load_omniglot, split_characters
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, InnerState, adapt_tasks, adapt_with_state, minibatch_rows
+from metabench.run.config import ConfigError, resolve
 from metabench.run.runner import build_datamodule, build_module, quiet_lightning, run, world_size
 from metabench.run.runner import test_run as retest
 from tests.conftest import TINY_GLYPHS, first_meta_batch, tiny_config

@@ -300,8 +300,8 @@ SEG_BENCHMARKS = ("synthetic-seg-1w1s", "fss-mini-1w1s", "fss-mini-1w5s", "fss-1
 
 @pytest.mark.parametrize("benchmark", SEG_BENCHMARKS)
 def test_segmentation_presets_define_all_four_algorithms_with_sources(benchmark: str) -> None:
-    from metabench.run.config import preset_algorithms, resolve
     from metabench.datasets.registry import get_dataset
+    from metabench.run.config import preset_algorithms, resolve
 
     assert preset_algorithms(benchmark) == ["maml", "fomaml", "reptile", "transfer"]
     for algorithm in preset_algorithms(benchmark):

@@ -61,14 +61,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from metabench.core.allocator import retain_freed_memory
-from metabench.run.config import RunConfig, resolve
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import MetaBatch
-from metabench.perf.flops import count_flops, flop_counter, gemm_rate
 from metabench.models.algorithms import MetaLearner
 from metabench.models.hparams import ENGINES as CONFIG_ENGINES
 from metabench.models.inner_loop import ENGINES, engine_candidates
+from metabench.perf.flops import count_flops, flop_counter, gemm_rate
+from metabench.run.config import RunConfig, resolve
 from metabench.run.records import git_commit
 from metabench.run.runner import build_datamodule, build_module, quiet_lightning
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import yaml
 
-from metabench.run.config import ConfigError, flatten_config, list_benchmarks, resolve
 from metabench.report.leaderboard import (
     BELOW,
     OVERLAP,
@@ -34,6 +33,7 @@ from metabench.report.leaderboard import (
     ours_text,
     published_text,
 )
+from metabench.run.config import ConfigError, flatten_config, list_benchmarks, resolve
 
 NOT_RUN, NEEDS_GPU, CONTEXT = "not run yet", "needs a GPU", "context only"
 STATES = (REPRODUCED, OVERLAP, BELOW, NOT_RUN, NEEDS_GPU, CONTEXT)  # the order of the counts

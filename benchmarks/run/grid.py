@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metabench.run.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
 from metabench.models.hparams import ALGORITHMS
+from metabench.run.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
 from metabench.run.records import Record, RecordError, read_record
 
 T = TypeVar("T")

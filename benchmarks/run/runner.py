@@ -35,21 +35,21 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
 from metabench.core.atomic import atomic_write_bytes
-from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
-from metabench.run.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
+from metabench.core.distributed import check_world
+from metabench.core.stats import mean_ci95
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
 from metabench.datasets.supervised import SupervisedDataModule
-from metabench.core.distributed import check_world
 from metabench.models.algorithms import MetaLearner, build_algorithm
 from metabench.models.backbones import build_backbone
 from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
 from metabench.models.problems import Classification, Segmentation
+from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
+from metabench.run.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
 from metabench.run.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
 from metabench.run.records import Record, git_commit, versions, write_record
-from metabench.core.stats import mean_ci95
 from metabench.run.weights import save_run_weights
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
+from metabench.models.hparams import ALGORITHMS
 from metabench.run.config import RunConfig
 from metabench.run.grid import GridError, GridSpec, Plan, Resolver, expand
-from metabench.models.hparams import ALGORITHMS
 
 # The macro the agent replaces by the cell's parameters. W&B's documentation (Sweep configuration options,
 # `command`, the table of command macros) says:

@@ -21,10 +21,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from metabench.run.config import ConfigError, RunConfig, build_config
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.models.inner_loop import engine_candidates
+from metabench.run.config import ConfigError, RunConfig, build_config
 from metabench.run.provenance import data_sha256
 from metabench.run.records import Record, git_commit, read_record, versions
 from metabench.run.runner import _Clock, _Curve, _prepare, _random_init_baseline, build_datamodule, device_name
