@@ -12,7 +12,7 @@ import torch
 from metabench.models.inner_loop import adapt_tasks, reptile_update
 from metabench.run.config import resolve
 from metabench.run.runner import build_datamodule, build_module
-from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step
+from tests.helpers import TINY_GLYPHS, first_meta_batch, fit_one_step
 
 TINY = TINY_GLYPHS + ["algorithm.meta_batch=3"]
 

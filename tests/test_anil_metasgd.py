@@ -17,7 +17,7 @@ from metabench.models.algorithms import MAML, MetaSGD, build_algorithm
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, Params, adapt_tasks, meta_backward, meta_loss
 from metabench.models.problems import Classification
-from tests.conftest import (
+from tests.helpers import (
     assert_grads_close,
     conv4_image,
     fit_one_step,

@@ -40,7 +40,7 @@ from metabench.models.problems import Classification, Segmentation
 from metabench.run.config import ConfigError
 from metabench.run.records import read_record
 from metabench.run.runner import build_datamodule, build_module, run
-from tests.conftest import (
+from tests.helpers import (
     TINY_RUN,
     TINY_RUN_CLASSES,
     first_meta_batch,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from metabench.run.checkpoints import KeepPreviousCheckpointIO, NoCheckpointError, readable_checkpoint
-from tests.conftest import TINY_RUN, set_flags
+from tests.helpers import TINY_RUN, set_flags
 
 
 def _save(io: KeepPreviousCheckpointIO, path: Path, step: int) -> None:

@@ -27,7 +27,7 @@ from metabench.datasets.episodes import MetaBatch
 from metabench.run.config import ConfigError
 from metabench.run.records import read_record
 from metabench.run.runner import _prepare, run, world_size
-from tests.conftest import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
+from tests.helpers import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile")
 pytestmark = [  # the float64 step below calls training_step without a Trainer (no logger, a stand-in optimizer)

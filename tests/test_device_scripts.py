@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, set_flags
+from tests.helpers import REPO, set_flags
 
 STAGE = REPO / "scripts" / "device" / "stage.sh"
 REPRODUCE = REPO / "scripts" / "device" / "reproduce.sh"

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metabench.models.backbones import Conv4
 from metabench.models.inner_loop import InnerConfig, meta_loss
 from metabench.perf.flops import count_flops, gemm_rate
-from tests.conftest import conv4_image, meta_batch, seeded_conv4
+from tests.helpers import conv4_image, meta_batch, seeded_conv4
 
 
 def _conv4_flops_by_hand(sizes: list[int], hidden: int, in_channels: int, head_in: int, ways: int) -> int:

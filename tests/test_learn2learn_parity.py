@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metabench.models.inner_loop import InnerConfig, meta_loss
-from tests.conftest import TASKS, WAYS, flat, meta_batch, rel_err, seeded_conv4, seeded_mlp
+from tests.helpers import TASKS, WAYS, flat, meta_batch, rel_err, seeded_conv4, seeded_mlp
 
 if os.environ.get("CI"):
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from metabench.run.config import resolve
 from metabench.run.runner import run
-from tests.conftest import local_run
+from tests.helpers import local_run
 
 STEPS = {"maml": 250, "fomaml": 250, "anil": 250, "metasgd": 250, "mamlpp": 250, "reptile": 400, "protonet": 400,
          "baseline": 1000, "baseline++": 1000}

@@ -27,7 +27,7 @@ from metabench.models.inner_loop import InnerConfig, Params, meta_backward, meta
 from metabench.models.problems import Classification
 from metabench.run.config import resolve
 from metabench.run.records import read_record
-from tests.conftest import (
+from tests.helpers import (
     DT,
     TINY_RUN,
     assert_grads_close,

@@ -14,8 +14,8 @@ from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, functional_loss, meta_loss, task_outputs
 from metabench.run.config import ConfigError, resolve
-from tests.conftest import DT, WAYS, meta_batch, rel_err, seeded_mlp
-from tests.conftest import TASKS as T
+from tests.helpers import DT, WAYS, meta_batch, rel_err, seeded_mlp
+from tests.helpers import TASKS as T
 
 SIZE, HIDDEN = 8, (12, 8, 6, 6)  # a narrow MLP on 8x8 images
 

@@ -21,7 +21,7 @@ from metabench.models.inner_loop import InnerConfig, InnerState, adapt_tasks, ad
 from metabench.run.config import ConfigError, resolve
 from metabench.run.runner import build_datamodule, build_module, quiet_lightning, run, world_size
 from metabench.run.runner import test_run as retest
-from tests.conftest import TINY_GLYPHS, first_meta_batch, tiny_config
+from tests.helpers import TINY_GLYPHS, first_meta_batch, tiny_config
 
 PERSISTENT = TINY_GLYPHS + ["algorithm.meta_batch=2", "algorithm.inner_steps=2", "algorithm.inner_batch=null",
                             "algorithm.inner_state=persistent", "algorithm.inner_optimizer=adam",

@@ -18,7 +18,7 @@ from metabench.datasets.synthetic import make_glyphs
 from metabench.models.algorithms import DivergenceError
 from metabench.run.records import read_record
 from metabench.run.runner import run
-from tests.conftest import TINY_RUN, TINY_RUN_CLASSES, set_flags, tiny_config
+from tests.helpers import TINY_RUN, TINY_RUN_CLASSES, set_flags, tiny_config
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])

@@ -9,7 +9,7 @@ import pytest
 
 from metabench.run.config import resolve
 from metabench.run.runner import run
-from tests.conftest import local_run
+from tests.helpers import local_run
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from metabench.models.inner_loop import InnerConfig, adapt_tasks, meta_loss, rep
 from metabench.models.problems import Classification, Segmentation, episode_counts, fb_iou, mean_iou
 from metabench.models.segmentation import ConvSeg
 from metabench.run.runner import quiet_lightning
-from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step, local_run
+from tests.helpers import TINY_GLYPHS, first_meta_batch, fit_one_step, local_run
 
 
 def fake_split(name: str, classes: int = 6, per_class: int = 6, size: int = 16, seed: int = 0) -> ImageSplit:

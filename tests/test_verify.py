@@ -20,7 +20,7 @@ from metabench.run.runner import RunResult, run
 from metabench.run.runner import test_run as retest_run
 from metabench.run.verify import VerifyError, code_changes, verify
 from metabench.run.weights import WEIGHTS_FILE, WeightsError, publish, read_weights, state_sha256, write_weights
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @dataclass(frozen=True)
