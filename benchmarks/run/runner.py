@@ -47,9 +47,18 @@ from metabench.models.backbones import build_backbone
 from metabench.models.hparams import DDP_ALGORITHMS, SUPERVISED_PRETRAINING, WAY_FREE
 from metabench.models.problems import Classification, Segmentation
 from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
-from metabench.run.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
+from metabench.run.config import (
+    TEST_KEYS,
+    TEST_PROTOCOL_KEYS,
+    TRAIN_SHAPE,
+    ConfigError,
+    RunConfig,
+    flatten_config,
+    training_shape,
+)
 from metabench.run.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
 from metabench.run.records import Record, git_commit, versions, write_record
+from metabench.run.wandb_logging import log_record, make_wandb_logger
 from metabench.run.weights import save_run_weights
 
 
@@ -298,7 +307,6 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None and config.logger == "wandb":
-        from metabench.run.wandb_logging import log_record
         log_record(logger, record, path)
     return RunResult(record, path, run_dir)
 
@@ -400,17 +408,6 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
     return summary
 
 
-# What ``metabench test`` may change: the test protocol, where things are and the training run's bookkeeping
-# (how often it validated and checkpointed: neither changes the trained weights), never what was trained.
-# Training episode shapes are compared as training used them (``episodes.shots`` when ``train_shots`` is null).
-TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.shots", "episodes.test_episodes", "episodes.eval_seed",
-                      "episodes.eval_batch", "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr",
-                      "algorithm.eval_inner_batch", "algorithm.engine",
-                      "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
-                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_every",
-                      "trainer.checkpoint_every", "records_dir", "out_dir", "logger")
-
-
 def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
     """The configuration the run in ``config``'s run folder (under ``benchmark``'s runs, default its own) was
     trained with (its ``config.json``), if saved."""
@@ -443,12 +440,12 @@ def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig,
     """
     before = training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
     defaults = training_shape(flatten_config(RunConfig().to_dict()))
-    ignored = {*TEST_PROTOCOL_KEYS, "algorithm.source", *(("benchmark",) if other_benchmark else ())}
+    ignored = {*TEST_KEYS, *(("benchmark",) if other_benchmark else ())}
     changed = [key for key, value in training_shape(flatten_config(tested.to_dict())).items()
                if before.get(key, defaults.get(key)) != value and key not in ignored]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
-                          f"({', '.join(TEST_PROTOCOL_KEYS[:8])}) and paths, not {', '.join(changed)}")
+                          f"({', '.join(TEST_PROTOCOL_KEYS)}) and where or how it runs, not {', '.join(changed)}")
 
 
 def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_benchmark: str | None = None,
@@ -459,8 +456,8 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_ben
     The record carries the checkpoint's training steps, training time and validation curve, and
     ``config.resolved.tested_checkpoint``. The random-init baseline is rebuilt from the run's seed (the same
     initialization as the run's own). ``config`` may differ from the training configuration (the run folder's
-    ``config.json``, else ``trained``) only in :data:`TEST_PROTOCOL_KEYS`. Raises ``FileNotFoundError`` without
-    a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
+    ``config.json``, else ``trained``) only in :data:`metabench.run.config.TEST_KEYS`. Raises ``FileNotFoundError``
+    without a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
 
     ``trained_benchmark``: the run was trained under that benchmark (its run folder there): allowed only when its
     training configuration is this one's (e.g. Reptile's Omniglot 5w5s cell from the 5w1s training run, whose
@@ -517,7 +514,6 @@ def _logger(config: RunConfig, run_dir: Path):
         from lightning.pytorch.loggers import CSVLogger
         return CSVLogger(str(run_dir), name="logs")
     if config.logger == "wandb":
-        from metabench.run.wandb_logging import make_wandb_logger
         return make_wandb_logger(config, run_dir)
     raise ValueError(f"unknown logger {config.logger!r}; use none, csv or wandb")
 
