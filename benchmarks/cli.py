@@ -35,6 +35,7 @@ def _options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
 
 
 def _load_split(args: argparse.Namespace, split: str):
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     return get_dataset(args.dataset).load(split, root=args.root, cache_dir=args.cache_dir, **_options(args.option))
@@ -43,6 +44,7 @@ def _load_split(args: argparse.Namespace, split: str):
 # -- data ---------------------------------------------------------------------------------------------------
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import DATASETS
 
     p.add_argument("dataset", help=", ".join(DATASETS))
@@ -55,6 +57,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import time
 
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     info = get_dataset(args.dataset)
@@ -67,6 +70,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     report = get_dataset(args.dataset).verify(args.root)
@@ -77,6 +81,7 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.download import download
 
     for path in download(args.dataset, Path(args.root), timeout=args.timeout):
@@ -105,6 +110,7 @@ def add_data(sub: Subparsers) -> None:
 # -- episodes -----------------------------------------------------------------------------------------------
 
 def _sampler(args: argparse.Namespace):
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
 
     return EpisodeSampler(_load_split(args, args.split), EpisodeSpec(args.ways, args.shots, args.queries))
@@ -117,6 +123,7 @@ def cmd_episodes_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_episodes_preview(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.preview import save_episode_grid
 
     sampler = _sampler(args)
@@ -214,6 +221,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.report.terminal import print_comparison
     from metabench.run.config import preset_algorithms, resolve
     from metabench.run.runner import run
@@ -242,6 +250,7 @@ def add_run(sub: Subparsers) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.report.terminal import print_comparison
     from metabench.run.config import preset_algorithms, resolve
     from metabench.run.runner import test_run
@@ -277,6 +286,7 @@ def add_test(sub: Subparsers) -> None:
 # -- checking a result: verify, publish, test --weights ----------------------------------------------------
 
 def cmd_test_weights(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.report.terminal import print_comparison
     from metabench.run.published import test_weights
 
@@ -296,6 +306,7 @@ def cmd_test_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.verify import verify
 
     overrides = _options(args.set, "--set")
@@ -325,6 +336,7 @@ def add_verify(sub: Subparsers) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.config import build_config
     from metabench.run.records import read_record
     from metabench.run.runner import run_dir_for
@@ -356,6 +368,7 @@ def add_publish(sub: Subparsers) -> None:
 def run_args_resolver() -> Callable[[list[str]], Any]:
     """A function from ``metabench run`` arguments to the configuration that run trains (one algorithm): the grid
     resolves each cell by parsing the very arguments its process, or a W&B agent, will get."""
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.config import resolve
 
     parser = build_parser()
@@ -399,6 +412,7 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _grid_plan(args: argparse.Namespace):
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
 
     file = load_grid_file(args.grid) if args.grid else {}
@@ -416,6 +430,7 @@ def _grid_plan(args: argparse.Namespace):
 
 
 def cmd_grid_run(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.grid import run_grid
 
     if args.parallel < 1:
@@ -425,6 +440,7 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_list(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.run.grid import list_cells
 
     _, plan, _ = _grid_plan(args)
@@ -433,6 +449,7 @@ def cmd_grid_list(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_sweep(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.core.atomic import atomic_write_bytes
     from metabench.run.sweep import sweep_config, sweep_yaml
 
@@ -475,30 +492,35 @@ def add_grid(sub: Subparsers) -> None:
 # -- bench --------------------------------------------------------------------------------------------------
 
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.perf.episode_throughput import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_steps(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.perf.step_time import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.perf.scaling import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.perf.profile_step import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.perf.speed import main as bench_main
 
     return bench_main(args)
@@ -591,6 +613,7 @@ def readme_target(args: argparse.Namespace) -> str | None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.report.make import make_leaderboard
 
     result = make_leaderboard(args.records, args.out, readme=readme_target(args))
@@ -599,6 +622,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for path in result.paths:
         print(path)
     if args.wandb:
+        # lazy: this command only (metabench --help stays fast)
         from metabench.report.wandb_leaderboard import log_leaderboard
 
         log_leaderboard(result.tables, result.paths[2], reproductions=result.reproductions)
@@ -631,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lazy: the error types only (they import torch; metabench --help stays fast)
     from metabench.datasets.base import DatasetError
     from metabench.run.checkpoints import LostProcessError, NoCheckpointError
 

@@ -70,7 +70,7 @@ from metabench.models.inner_loop import ENGINES, engine_candidates
 from metabench.perf.flops import count_flops, flop_counter, gemm_rate
 from metabench.run.config import RunConfig, resolve
 from metabench.run.records import git_commit
-from metabench.run.runner import build_datamodule, build_module, quiet_lightning
+from metabench.run.runner import MetaDDP, build_datamodule, build_module, device_name, pick_device, quiet_lightning
 
 PROTOCOLS = ("omniglot-5w1s", "omniglot-20w1s", "mini-imagenet-5w1s", "mini-imagenet-5w5s")
 LEARN2LEARN = "learn2learn"  # the outside reference, timed next to metabench's engines
@@ -242,8 +242,6 @@ def fit_for_timing(module: MetaLearner, datamodule: EpisodicDataModule, device: 
                    callbacks: list[Callback], processes: int = 1) -> L.Trainer:
     """Train ``module`` for ``max_steps`` steps as a run does (its optimizers, hooks, data loader), without
     validation, checkpoints, logger or progress bar; ``processes`` > 1: as ``--devices N --strategy ddp``."""
-    from metabench.run.runner import MetaDDP
-
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes,
                         strategy=MetaDDP(process_group_backend=None) if processes > 1 else "auto",
                         use_distributed_sampler=False, max_steps=max_steps,
@@ -479,8 +477,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metabench.run.runner import device_name, pick_device
-
     device = pick_device(args.accelerator)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,9 @@ from typing import Any
 
 import yaml
 
+from metabench.datasets.registry import SEGMENTATION, get_dataset
 from metabench.models.hparams import ALGORITHMS
+from metabench.models.problems import Classification, Segmentation
 from metabench.run.config import RunConfig
 from metabench.run.grid import GridError, GridSpec, Plan, Resolver, expand
 
@@ -73,9 +75,6 @@ def sweep_config(spec: GridSpec, plan: Plan, resolve_args: Resolver, *, name: st
 
 
 def _metric_name(config: RunConfig) -> str:
-    from metabench.datasets.registry import SEGMENTATION, get_dataset
-    from metabench.models.problems import Classification, Segmentation
-
     task = get_dataset(config.data.name).task
     return Segmentation.metric_name if task == SEGMENTATION else Classification.metric_name
 
