@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +159,59 @@ def add_episodes(sub: Subparsers) -> None:
 
 # -- run and test -------------------------------------------------------------------------------------------
 
-_FLAG_KEYS = (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
-              ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
-              ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes"),
-              ("devices", "trainer.devices"), ("num_nodes", "trainer.num_nodes"), ("strategy", "trainer.strategy"))
+@dataclass(frozen=True)
+class RunFlag:
+    """A flag of ``metabench run`` that ``metabench grid`` takes too and passes to every cell (the grid file's keys
+    of :data:`metabench.run.grid.RUN_OPTIONS`); ``test`` says whether ``metabench test`` takes it as well. ``key``:
+    the dotted config key it sets (None: not one key); ``grid_help``: its help under ``grid``, where it differs."""
+
+    flag: str
+    key: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    test: bool = True
+    grid_help: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+# The one table of the flags `run` (and `test`) and `grid` share, in the order their help lists them.
+RUN_FLAGS = (
+    RunFlag("--config", None, {"help": "YAML file merged over the preset"},
+            grid_help="YAML file merged over the preset of every cell"),
+    RunFlag("--data-root", "data.root"),
+    RunFlag("--cache-dir", "data.cache_dir"),
+    RunFlag("--max-steps", "trainer.max_steps", {"type": int}, test=False),
+    RunFlag("--test-episodes", "episodes.test_episodes", {"type": int}),
+    RunFlag("--accelerator", "trainer.accelerator", {"choices": ("auto", "cpu", "gpu")}),
+    RunFlag("--records-dir", "records_dir"),
+    RunFlag("--out-dir", "out_dir", {"help": "folder of the run folders (default: runs); {dotted.key} fields are "
+                                             "filled from the configuration, e.g. 'runs/lr={algorithm.inner_lr}'"},
+            grid_help="folder of the run folders (default: runs; with --vary, one sub-folder per varied value)"),
+    RunFlag("--logger", "logger", {"choices": ("none", "csv", "wandb")}, test=False),
+    RunFlag("--devices", "trainer.devices", {"type": int, "help": "processes per node, each with its share of every "
+                                                                  "meta-batch (with --strategy ddp; GPUs, or CPU "
+                                                                  "processes)"},
+            test=False, grid_help="DDP processes per node of every cell (with --strategy ddp)"),
+    RunFlag("--num-nodes", "trainer.num_nodes", {"type": int, "help": "nodes (with --strategy ddp; torchrun / SLURM "
+                                                                      "set the ranks)"}, test=False),
+    RunFlag("--strategy", "trainer.strategy", {"choices": ("auto", "ddp"),
+                                               "help": "ddp: one process per device (Lightning DDP)"}, test=False),
+)
+# Flags that set one config key: the table's and run's --seed (a grid's --seed is an axis).
+_FLAG_KEYS = (*((f.dest, f.key) for f in RUN_FLAGS if f.key is not None), ("seed", "trainer.seed"))
+
+
+def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """:data:`RUN_FLAGS` on the parser of ``command`` ("run", "test" or "grid")."""
+    for f in RUN_FLAGS:
+        if command == "test" and not f.test:
+            continue
+        options = dict(f.options)
+        if command == "grid" and f.grid_help is not None:
+            options["help"] = f.grid_help
+        p.add_argument(f.flag, **options)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -199,24 +249,17 @@ def dotted_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """What names a run and where it lives: shared by ``run`` and ``test``. Also accepted (by :func:`main`):
-    ``--section.key=value``, the same as ``--set section.key=value``."""
+def _run_args(p: argparse.ArgumentParser, command: str) -> None:
+    """What names a run and where it lives: shared by ``run`` and ``test`` (``command``). Also accepted (by
+    :func:`main`): ``--section.key=value``, the same as ``--set section.key=value``."""
     p.add_argument("--benchmark", default="synthetic-5w1s")
     p.add_argument("--algorithm", action="append", choices=ALGORITHMS,
                    help="repeatable; default: every algorithm of the benchmark's preset")
     p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
-    p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
     p.add_argument("--seed", type=int)
-    p.add_argument("--test-episodes", type=int)
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs); {dotted.key} fields are filled "
-                                     "from the configuration, e.g. 'runs/lr={algorithm.inner_lr}'")
+    _add_run_flags(p, command)
     p.set_defaults(dotted_flags=True)
 
 
@@ -237,13 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def add_run(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile, "
                                    "ProtoNet, Baseline, Baseline++ on synthetic glyphs)")
-    _run_args(p)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--devices", type=int, help="processes per node, each with its share of every meta-batch "
-                                                "(with --strategy ddp; GPUs, or CPU processes)")
-    p.add_argument("--num-nodes", type=int, help="nodes (with --strategy ddp; torchrun / SLURM set the ranks)")
-    p.add_argument("--strategy", choices=("auto", "ddp"), help="ddp: one process per device (Lightning DDP)")
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
+    _run_args(p, "run")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
@@ -271,7 +308,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def add_test(sub: Subparsers) -> None:
     p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
                                     "--set episodes.queries=1) and write a second record, without retraining")
-    _run_args(p)
+    _run_args(p, "test")
     p.add_argument("--trained-benchmark", metavar="BENCHMARK",
                    help="test the run trained under BENCHMARK (its run folder), when its training configuration is "
                         "this benchmark's (checked): e.g. one Reptile Omniglot training for both 1-shot and 5-shot")
@@ -394,21 +431,9 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vary", action="append", default=[], metavar="KEY=VALUES",
                    help="a dotted config key and its values, one more axis of the grid, e.g. "
                         "'algorithm.inner_lr=[0.1, 0.4]' (repeatable)")
-    p.add_argument("--config", help="YAML file merged over the preset of every cell")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override for every cell (repeatable)")
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--test-episodes", type=int)
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs; with --vary, one sub-folder per "
-                                     "varied value)")
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
-    p.add_argument("--devices", type=int, help="DDP processes per node of every cell (with --strategy ddp)")
-    p.add_argument("--num-nodes", type=int)
-    p.add_argument("--strategy", choices=("auto", "ddp"))
+    _add_run_flags(p, "grid")
 
 
 def _grid_plan(args: argparse.Namespace):
