@@ -11,19 +11,23 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from metabench.models.hparams import INNER_ENGINES
-from metabench.models.learners import algorithm_names, learner_class
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
 
 def _algorithm(name: str) -> str:
-    """``--algorithm``: a registered learner, an installed plug-in's, or ``package.module:Class``."""
+    """``--algorithm``: a registered learner, an installed plug-in's, or ``package.module:Class`` (checked when
+    given, so that a misspelt name fails before anything runs)."""
+    # lazy: the learners import torch and Lightning; metabench --help and the commands without --algorithm don't
+    from metabench.models.learners import learner_class
+
     try:
         learner_class(name)
     except ValueError as error:
@@ -33,6 +37,9 @@ def _algorithm(name: str) -> str:
 
 def _meta_learner(name: str) -> str:
     """``bench speed --algorithm``: a learner that meta-trains through the inner loop (the engines are its)."""
+    # lazy: as in _algorithm
+    from metabench.models.learners import algorithm_names, learner_class
+
     if not learner_class(_algorithm(name)).capabilities.inner_loop:
         known = [n for n in algorithm_names() if learner_class(n).capabilities.inner_loop]
         raise argparse.ArgumentTypeError(f"{name} has no inner loop to time; choose from {', '.join(known)}")
@@ -52,6 +59,7 @@ def _options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
 
 
 def _load_split(args: argparse.Namespace, split: str):
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     return get_dataset(args.dataset).load(split, root=args.root, cache_dir=args.cache_dir, **_options(args.option))
@@ -60,6 +68,7 @@ def _load_split(args: argparse.Namespace, split: str):
 # -- data ---------------------------------------------------------------------------------------------------
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import DATASETS
 
     p.add_argument("dataset", help=", ".join(DATASETS))
@@ -72,6 +81,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import time
 
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     info = get_dataset(args.dataset)
@@ -84,6 +94,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.registry import get_dataset
 
     report = get_dataset(args.dataset).verify(args.root)
@@ -94,6 +105,7 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.download import download
 
     for path in download(args.dataset, Path(args.root), timeout=args.timeout):
@@ -122,6 +134,7 @@ def add_data(sub: Subparsers) -> None:
 # -- episodes -----------------------------------------------------------------------------------------------
 
 def _sampler(args: argparse.Namespace):
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
 
     return EpisodeSampler(_load_split(args, args.split), EpisodeSpec(args.ways, args.shots, args.queries))
@@ -134,6 +147,7 @@ def cmd_episodes_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_episodes_preview(args: argparse.Namespace) -> int:
+    # lazy: this command only (metabench --help stays fast)
     from metabench.datasets.preview import save_episode_grid
 
     sampler = _sampler(args)
@@ -168,10 +182,59 @@ def add_episodes(sub: Subparsers) -> None:
 
 # -- run and test -------------------------------------------------------------------------------------------
 
-_FLAG_KEYS = (("data_root", "data.root"), ("cache_dir", "data.cache_dir"), ("max_steps", "trainer.max_steps"),
-              ("seed", "trainer.seed"), ("logger", "logger"), ("accelerator", "trainer.accelerator"),
-              ("records_dir", "records_dir"), ("out_dir", "out_dir"), ("test_episodes", "episodes.test_episodes"),
-              ("devices", "trainer.devices"), ("num_nodes", "trainer.num_nodes"), ("strategy", "trainer.strategy"))
+@dataclass(frozen=True)
+class RunFlag:
+    """A flag of ``metabench run`` that ``metabench grid`` takes too and passes to every cell (the grid file's keys
+    of :data:`metabench.run.grid.RUN_OPTIONS`); ``test`` says whether ``metabench test`` takes it as well. ``key``:
+    the dotted config key it sets (None: not one key); ``grid_help``: its help under ``grid``, where it differs."""
+
+    flag: str
+    key: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    test: bool = True
+    grid_help: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+# The one table of the flags `run` (and `test`) and `grid` share, in the order their help lists them.
+RUN_FLAGS = (
+    RunFlag("--config", None, {"help": "YAML file merged over the preset"},
+            grid_help="YAML file merged over the preset of every cell"),
+    RunFlag("--data-root", "data.root"),
+    RunFlag("--cache-dir", "data.cache_dir"),
+    RunFlag("--max-steps", "trainer.max_steps", {"type": int}, test=False),
+    RunFlag("--test-episodes", "episodes.test_episodes", {"type": int}),
+    RunFlag("--accelerator", "trainer.accelerator", {"choices": ("auto", "cpu", "gpu")}),
+    RunFlag("--records-dir", "records_dir"),
+    RunFlag("--out-dir", "out_dir", {"help": "folder of the run folders (default: runs); {dotted.key} fields are "
+                                             "filled from the configuration, e.g. 'runs/lr={algorithm.inner_lr}'"},
+            grid_help="folder of the run folders (default: runs; with --vary, one sub-folder per varied value)"),
+    RunFlag("--logger", "logger", {"choices": ("none", "csv", "wandb")}, test=False),
+    RunFlag("--devices", "trainer.devices", {"type": int, "help": "processes per node, each with its share of every "
+                                                                  "meta-batch (with --strategy ddp; GPUs, or CPU "
+                                                                  "processes)"},
+            test=False, grid_help="DDP processes per node of every cell (with --strategy ddp)"),
+    RunFlag("--num-nodes", "trainer.num_nodes", {"type": int, "help": "nodes (with --strategy ddp; torchrun / SLURM "
+                                                                      "set the ranks)"}, test=False),
+    RunFlag("--strategy", "trainer.strategy", {"choices": ("auto", "ddp"),
+                                               "help": "ddp: one process per device (Lightning DDP)"}, test=False),
+)
+# Flags that set one config key: the table's and run's --seed (a grid's --seed is an axis).
+_FLAG_KEYS = (*((f.dest, f.key) for f in RUN_FLAGS if f.key is not None), ("seed", "trainer.seed"))
+
+
+def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """:data:`RUN_FLAGS` on the parser of ``command`` ("run", "test" or "grid")."""
+    for f in RUN_FLAGS:
+        if command == "test" and not f.test:
+            continue
+        options = dict(f.options)
+        if command == "grid" and f.grid_help is not None:
+            options["help"] = f.grid_help
+        p.add_argument(f.flag, **options)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -209,31 +272,25 @@ def dotted_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """What names a run and where it lives: shared by ``run`` and ``test``. Also accepted (by :func:`main`):
-    ``--section.key=value``, the same as ``--set section.key=value``."""
+def _run_args(p: argparse.ArgumentParser, command: str) -> None:
+    """What names a run and where it lives: shared by ``run`` and ``test`` (``command``). Also accepted (by
+    :func:`main`): ``--section.key=value``, the same as ``--set section.key=value``."""
     p.add_argument("--benchmark", default="synthetic-5w1s")
     p.add_argument("--algorithm", action="append", type=_algorithm,
                    help="repeatable; default: every algorithm of the benchmark's preset")
     p.add_argument("--preset", help="named hyper-parameter preset of the benchmark (default: its default)")
-    p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. algorithm.inner_lr=0.1 (repeatable)")
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
     p.add_argument("--seed", type=int)
-    p.add_argument("--test-episodes", type=int)
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs); {dotted.key} fields are filled "
-                                     "from the configuration, e.g. 'runs/lr={algorithm.inner_lr}'")
+    _add_run_flags(p, command)
     p.set_defaults(dotted_flags=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from metabench.config import preset_algorithms, resolve
-    from metabench.report import print_comparison
-    from metabench.runner import run
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.report.terminal import print_comparison
+    from metabench.run.config import preset_algorithms, resolve
+    from metabench.run.runner import run
 
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
     configs = [resolve(args.benchmark, name, args.preset, args.config, _overrides(args)) for name in algorithms]
@@ -246,22 +303,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def add_run(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="train and test (no arguments: MAML, FOMAML, ANIL, Meta-SGD, MAML++, Reptile, "
                                    "ProtoNet, Baseline, Baseline++ on synthetic glyphs)")
-    _run_args(p)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--devices", type=int, help="processes per node, each with its share of every meta-batch "
-                                                "(with --strategy ddp; GPUs, or CPU processes)")
-    p.add_argument("--num-nodes", type=int, help="nodes (with --strategy ddp; torchrun / SLURM set the ranks)")
-    p.add_argument("--strategy", choices=("auto", "ddp"), help="ddp: one process per device (Lightning DDP)")
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
+    _run_args(p, "run")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from metabench.config import preset_algorithms, resolve
-    from metabench.report import print_comparison
-    from metabench.runner import test_run
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.report.terminal import print_comparison
+    from metabench.run.config import preset_algorithms, resolve
+    from metabench.run.runner import test_run
 
     if args.weights:
         return cmd_test_weights(args)
@@ -279,7 +331,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def add_test(sub: Subparsers) -> None:
     p = sub.add_parser("test", help="evaluate a finished run's weights on another fixed test protocol (e.g. "
                                     "--set episodes.queries=1) and write a second record, without retraining")
-    _run_args(p)
+    _run_args(p, "test")
     p.add_argument("--trained-benchmark", metavar="BENCHMARK",
                    help="test the run trained under BENCHMARK (its run folder), when its training configuration is "
                         "this benchmark's (checked): e.g. one Reptile Omniglot training for both 1-shot and 5-shot")
@@ -294,8 +346,9 @@ def add_test(sub: Subparsers) -> None:
 # -- checking a result: verify, publish, test --weights ----------------------------------------------------
 
 def cmd_test_weights(args: argparse.Namespace) -> int:
-    from metabench.published import test_weights
-    from metabench.report import print_comparison
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.report.terminal import print_comparison
+    from metabench.run.published import test_weights
 
     if args.algorithm or args.preset or args.config:
         raise ValueError("--weights takes the algorithm, preset and configuration from the weights' record")
@@ -313,7 +366,8 @@ def cmd_test_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from metabench.verify import verify
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.verify import verify
 
     overrides = _options(args.set, "--set")
     for flag, key in (("data_root", "data.root"), ("cache_dir", "data.cache_dir")):
@@ -342,10 +396,11 @@ def add_verify(sub: Subparsers) -> None:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from metabench.config import build_config
-    from metabench.records import read_record
-    from metabench.runner import run_dir_for
-    from metabench.weights import publish
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.config import build_config
+    from metabench.run.records import read_record
+    from metabench.run.runner import run_dir_for
+    from metabench.run.weights import publish
 
     for name in args.record:
         record = read_record(name)
@@ -373,7 +428,8 @@ def add_publish(sub: Subparsers) -> None:
 def run_args_resolver() -> Callable[[list[str]], Any]:
     """A function from ``metabench run`` arguments to the configuration that run trains (one algorithm): the grid
     resolves each cell by parsing the very arguments its process, or a W&B agent, will get."""
-    from metabench.config import resolve
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.config import resolve
 
     parser = build_parser()
 
@@ -398,25 +454,14 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vary", action="append", default=[], metavar="KEY=VALUES",
                    help="a dotted config key and its values, one more axis of the grid, e.g. "
                         "'algorithm.inner_lr=[0.1, 0.4]' (repeatable)")
-    p.add_argument("--config", help="YAML file merged over the preset of every cell")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override for every cell (repeatable)")
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--test-episodes", type=int)
-    p.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-    p.add_argument("--records-dir")
-    p.add_argument("--out-dir", help="folder of the run folders (default: runs; with --vary, one sub-folder per "
-                                     "varied value)")
-    p.add_argument("--logger", choices=("none", "csv", "wandb"))
-    p.add_argument("--devices", type=int, help="DDP processes per node of every cell (with --strategy ddp)")
-    p.add_argument("--num-nodes", type=int)
-    p.add_argument("--strategy", choices=("auto", "ddp"))
+    _add_run_flags(p, "grid")
 
 
 def _grid_plan(args: argparse.Namespace):
-    from metabench.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.grid import RUN_OPTIONS, expand, load_grid_file, make_spec, parse_vary
 
     file = load_grid_file(args.grid) if args.grid else {}
     vary: dict[str, list] = {}
@@ -433,7 +478,8 @@ def _grid_plan(args: argparse.Namespace):
 
 
 def cmd_grid_run(args: argparse.Namespace) -> int:
-    from metabench.grid import run_grid
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.grid import run_grid
 
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
@@ -442,7 +488,8 @@ def cmd_grid_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_list(args: argparse.Namespace) -> int:
-    from metabench.grid import list_cells
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.grid import list_cells
 
     _, plan, _ = _grid_plan(args)
     list_cells(plan)
@@ -450,8 +497,9 @@ def cmd_grid_list(args: argparse.Namespace) -> int:
 
 
 def cmd_grid_sweep(args: argparse.Namespace) -> int:
-    from metabench.atomic import atomic_write_bytes
-    from metabench.sweep import sweep_config, sweep_yaml
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.core.atomic import atomic_write_bytes
+    from metabench.run.sweep import sweep_config, sweep_yaml
 
     spec, plan, resolve_args = _grid_plan(args)
     config = sweep_config(spec, plan, resolve_args, name=args.name, project=args.project, entity=args.entity,
@@ -492,31 +540,36 @@ def add_grid(sub: Subparsers) -> None:
 # -- bench --------------------------------------------------------------------------------------------------
 
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
-    from metabench.episode_throughput import main as bench_main
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.perf.episode_throughput import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_steps(args: argparse.Namespace) -> int:
-    from metabench.step_time import main as bench_main
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.perf.step_time import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
-    from metabench.scaling import main as bench_main
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.perf.scaling import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
-    from metabench.profile_step import main as bench_main
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.perf.profile_step import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from metabench.speed import main as bench_main
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.perf.speed import main as bench_main
 
     return bench_main(args)
 
@@ -562,7 +615,7 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
     p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in the process first "
-                   "(metabench.allocator)")
+                   "(metabench.core.allocator)")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then profile-<benchmark>.json)")
     p.set_defaults(func=cmd_bench_profile)
 
@@ -585,7 +638,7 @@ def _add_bench_speed(bench: Subparsers) -> None:
     p.add_argument("--no-isolate", action="store_true",
                    help="all cells in this process (faster; CPU memory numbers then unreliable)")
     p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in each cell's process "
-                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.allocator)")
+                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.core.allocator)")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
     p.set_defaults(func=cmd_bench_speed)
 
@@ -608,7 +661,8 @@ def readme_target(args: argparse.Namespace) -> str | None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from metabench.leaderboard import make_leaderboard
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.report.make import make_leaderboard
 
     result = make_leaderboard(args.records, args.out, readme=readme_target(args))
     for problem in result.problems:
@@ -616,7 +670,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for path in result.paths:
         print(path)
     if args.wandb:
-        from metabench.wandb_logging import log_leaderboard
+        # lazy: this command only (metabench --help stays fast)
+        from metabench.report.wandb_leaderboard import log_leaderboard
 
         log_leaderboard(result.tables, result.paths[2], reproductions=result.reproductions)
     return result.exit_status
@@ -648,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metabench.checkpoints import LostProcessError, NoCheckpointError
+    # lazy: the error types only (they import torch; metabench --help stays fast)
     from metabench.datasets.base import DatasetError
+    from metabench.run.checkpoints import LostProcessError, NoCheckpointError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from metabench.atomic import atomic_write, atomic_write_bytes
+from metabench.core.atomic import atomic_write, atomic_write_bytes
 from metabench.datasets.base import DatasetError
 
 CACHE_FORMAT = 1  # bump when the on-disk layout of prepared caches changes

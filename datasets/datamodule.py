@@ -5,7 +5,7 @@ resumed from a checkpoint at step ``g`` sees exactly the episodes an uninterrupt
 With ``resident_device`` set, every split's images live on that device and episodes are gathered there:
 no host-to-device copy and no DataLoader worker on the hot path.
 
-Several processes (DDP, ``benchmarks/distributed.py``): rank ``r`` of ``W`` draws the SAME global meta-batch as one
+Several processes (DDP, ``benchmarks/core/distributed.py``): rank ``r`` of ``W`` draws the SAME global meta-batch as one
 process would and keeps its contiguous share of the tasks, so training does not depend on ``W``; the fixed
 evaluation batches go round-robin (batch ``b`` to rank ``b % W``), each batch exactly as one process batches it.
 """
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from metabench.core.distributed import round_robin, task_slice, world
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
-from metabench.distributed import round_robin, task_slice, world
 
 SplitLoader = Callable[[str], ImageSplit]
 

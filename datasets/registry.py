@@ -3,7 +3,7 @@
 Readers are imported lazily (``DatasetInfo.loader`` is a ``"module:function"`` name) so that ``metabench --help``
 does not decode anything or import PIL-heavy code. Other packages add datasets through the entry-point group
 ``metabench.datasets`` (a :class:`DatasetInfo`, or a loader function) or by naming a loader directly:
-``data.name: mypkg.data:load_mine`` (``metabench.registry``).
+``data.name: mypkg.data:load_mine`` (``metabench.core.registry``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metabench.core.registry import Registry, RegistryError
 from metabench.datasets.base import DatasetError, ImageSplit
-from metabench.registry import Registry, RegistryError
 
 # What a dataset is labelled for; the runner picks the problem (loss and metric) and checks the network by it.
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"

@@ -28,7 +28,7 @@
   ("transductive", as the MAML code) or from the support set plus one query ("non-transductive").
 - Every learner registers itself in :data:`LEARNERS` with its name, capabilities and config class
   (``models/learners.py`` looks them up, with other packages' learners).
-- Several processes (DDP, ``benchmarks/distributed.py``): each rank trains on its share of the meta-batch and every
+- Several processes (DDP, ``benchmarks/core/distributed.py``): each rank trains on its share of the meta-batch and every
   algorithm calls :meth:`MetaLearner.sync_meta_gradient` between its backward and its optimizer step, which
   makes the gradient exactly the single-process one; evaluation batches are split round-robin and the scores
   gathered back in episode order, so records do not depend on the number of processes.
@@ -45,8 +45,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from metabench.core.distributed import all_reduce_gradients, broadcast_object, gather_in_order
+from metabench.core.registry import Registry, RegistryError
+from metabench.core.stats import mean_ci95
 from metabench.datasets.episodes import MetaBatch
-from metabench.distributed import all_reduce_gradients, broadcast_object, gather_in_order
 from metabench.models.hparams import ANIL_HEAD, MAMLPP_SWITCHES, AlgorithmConfig, Capabilities
 from metabench.models.inner_loop import (
     InnerConfig,
@@ -69,8 +71,6 @@ from metabench.models.inner_loop import (
 )
 from metabench.models.norm import is_norm, make_norm_per_step
 from metabench.models.problems import Classification, Segmentation
-from metabench.registry import Registry, RegistryError
-from metabench.stats import mean_ci95
 
 Problem = Classification | Segmentation
 
@@ -224,7 +224,7 @@ class MetaLearner(L.LightningModule):
 
     def sync_meta_gradient(self, loss: torch.Tensor, tasks: int) -> torch.Tensor:
         """Between backward and the optimizer step: make every ``.grad`` the gradient of the mean over the whole
-        meta-batch (``benchmarks/distributed.py``; the identity in one process) and stop on a non-finite meta-loss.
+        meta-batch (``benchmarks/core/distributed.py``; the identity in one process) and stop on a non-finite meta-loss.
 
         ``loss`` is this process's mean over its ``tasks`` tasks; the global mean is returned and checked, so all
         processes raise :class:`DivergenceError` together (a rank stopping alone would leave the others waiting).
@@ -339,7 +339,7 @@ def _check_learner(name: str, obj: Any) -> type[MetaLearner]:
 
 
 # name -> learner class: metabench's learners register here (below and in models/baselines.py); other packages'
-# through the entry-point group "metabench.algorithms" or a "package.module:Class" name (metabench.registry).
+# through the entry-point group "metabench.algorithms" or a "package.module:Class" name (metabench.core.registry).
 LEARNERS: Registry[type[MetaLearner]] = Registry("algorithm", "metabench.algorithms", _check_learner)
 META_GRADIENT = Capabilities(second_order=True, inner_loop=True, ddp_exact=True)  # MAML's
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metabench.core.registry import Registry, RegistryError
 from metabench.models.norm import BatchNorm1d, BatchNorm2d, is_norm, make_norm_per_step
 from metabench.models.resnet12 import resnet12
 from metabench.models.segmentation import conv_seg
-from metabench.registry import Registry, RegistryError
 
 __all__ = ["BACKBONES", "Backbone", "BatchNorm1d", "BatchNorm2d", "Conv4", "MLP", "build_backbone", "check_backbone",
            "is_norm", "make_norm_per_step"]
@@ -291,7 +291,7 @@ def _check_builder(name: str, obj: Any) -> Callable[..., nn.Module]:
 
 
 # name -> builder(in_channels, ways, image_size, **options); other packages add theirs through the entry-point
-# group "metabench.backbones" or a "package.module:builder" name (metabench.registry).
+# group "metabench.backbones" or a "package.module:builder" name (metabench.core.registry).
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone", "metabench.backbones", _check_builder)
 BACKBONES.register("conv4", conv4)
 BACKBONES.register("conv4-omniglot", conv4_omniglot)

@@ -1,8 +1,11 @@
-"""Hyper-parameters of the algorithms (kept free of Lightning so configs resolve without importing it)."""
+"""Hyper-parameters of the algorithms, and the capabilities a learner declares (free of Lightning: the learners'
+modules import this one)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from metabench.core.roles import CITATION, EXECUTION, TEST, role_field
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,14 @@ class AlgorithmConfig:
     inner_steps: int = 1
     inner_lr: float = 0.4  # metasgd: the initial value of every learned per-parameter rate
     inner_optimizer: str = "sgd"  # "adam" = Adam with beta1 = 0 (Reptile)
-    eval_steps: int = 3
-    eval_lr: float | None = None  # None: same as inner_lr (metasgd: its learned rates, so it must stay None)
+    eval_steps: int = role_field(3, TEST)
+    # None: same as inner_lr (metasgd: its learned rates, so it must stay None)
+    eval_lr: float | None = role_field(None, TEST)
     meta_lr: float = 1e-3  # MAML/FOMAML: Adam learning rate; Reptile: outer step size epsilon
     meta_lr_final: float | None = None  # Reptile: epsilon at the last step (linear annealing); None = 0
-    bn_mode: str = "transductive"  # or "non-transductive" (the Reptile paper's protocol)
-    engine: str = "auto"  # "vmap", "sequential" or "auto" (chosen per device)
+    bn_mode: str = role_field("transductive", TEST)  # or "non-transductive" (the Reptile paper's protocol)
+    # "vmap", "sequential" or "auto" (chosen per device); every engine computes the same (float noise aside)
+    engine: str = role_field("auto", EXECUTION)
     # The MAML code adapts on sum(cross-entropy) / K over the N*K support images, i.e. N x the mean loss:
     # its alpha = 0.4 (5-way) is a step of 2.0 on the mean. Presets set this to N to match the paper exactly.
     inner_loss_scale: float = 1.0
@@ -117,12 +122,13 @@ class AlgorithmConfig:
     # Evaluation: each of the eval_steps adaptation steps uses a minibatch of this many support images, drawn as
     # Reptile's code draws them (supervised_reptile/reptile.py _mini_batches: the support set shuffled anew for every
     # pass, minibatches cut in order and running on across passes; "--eval-batch"); None = the whole support set.
-    eval_inner_batch: int | None = None
+    eval_inner_batch: int | None = role_field(None, TEST)
     # Where the inner optimizer's state lives (INNER_STATES): "persistent" needs inner_optimizer adam and reptile.
     inner_state: str = "per_task"
     # MAML/FOMAML: back-propagate the meta-loss this many tasks at a time (same gradient, peak memory of one
-    # chunk instead of the whole meta-batch); None = the whole meta-batch at once.
-    task_chunk: int | None = None
+    # chunk instead of the whole meta-batch); None = the whole meta-batch at once. Like the engine, it changes memory,
+    # not the result (float noise aside: tests/test_algorithms.py).
+    task_chunk: int | None = role_field(None, EXECUTION)
     # Parameter-name prefixes adapted in the inner loop (e.g. ["decoder", "head"]); None = every parameter
     # (anil: ["head"]). The rest are meta-learned (MAML/FOMAML/ANIL) or pre-trained (transfer) but frozen during
     # adaptation.
@@ -163,7 +169,7 @@ class AlgorithmConfig:
     cosine_scale: float | None = None
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    source: str = ""
+    source: str = role_field("", CITATION)  # where the values come from: changes nothing computed
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

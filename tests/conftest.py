@@ -1,5 +1,5 @@
-"""Shared fixtures (where the real data lives, a throw-away cache folder, one torch thread) and shared helpers
-(seeded float64 networks and meta-batches, relative errors, tiny run configurations, one Lightning step).
+"""Shared fixtures: where the real data lives, a throw-away cache folder, one torch thread. Shared helpers are in
+``tests/helpers.py``.
 
 Real data defaults to ``../shared/data`` beside the repository (or ``$METABENCH_DATA``). Without it, tests
 that need it skip on a developer machine but FAIL under CI (``CI=true``): in CI they must run.
@@ -7,27 +7,13 @@ that need it skip on a developer machine but FAIL under CI (``CI=true``): in CI 
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import pytest
 import torch
-from torch import Tensor
 
-from metabench.models.backbones import MLP, Conv4
-
-if TYPE_CHECKING:
-    import lightning as L
-
-    from metabench.config import RunConfig
-    from metabench.datasets.datamodule import EpisodicDataModule
-    from metabench.datasets.episodes import MetaBatch
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _data_root() -> Path | None:
@@ -59,145 +45,3 @@ def one_torch_thread() -> None:
     """One torch thread for the whole suite: on a 2-core machine shared with other work, OpenMP's spinning
     threads make the many tiny convolutions of these tests many times slower; one thread is never that slow."""
     torch.set_num_threads(1)
-
-
-# -- shared helpers: import them with ``from tests.conftest import ...`` ----------------------------------------
-
-DT = torch.float64
-TASKS, WAYS = 3, 5  # the small float64 meta-batches: 3 tasks of 5 classes
-
-
-def flat(tensors: Sequence[Tensor]) -> Tensor:
-    """The tensors flattened and joined into one vector (autograd kept)."""
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def rel_err(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]) -> float:
-    """``||a - b|| / ||b||`` for tensors or sequences of tensors (flattened and joined), outside autograd."""
-    a = a.detach() if isinstance(a, Tensor) else flat(a).detach()
-    b = b.detach() if isinstance(b, Tensor) else flat(b).detach()
-    return float((a - b).norm() / b.norm())
-
-
-def assert_grads_close(ours: Sequence[Tensor], ref: Sequence[Tensor], rtol: float = 1e-10) -> None:
-    """Meta-gradients equal to ``rtol`` relative to the reference's norm, as a whole and tensor by tensor (conv
-    biases before batch norm are ~0, so each tensor is judged against the whole); a ~0 reference is refused."""
-    scale = flat(ref).norm()
-    assert scale > 1e-3, "reference meta-gradient is ~0: the comparison would be vacuous"
-    assert rel_err(ours, ref) <= rtol
-    for a, b in zip(ours, ref):
-        assert (a - b).norm() <= rtol * scale
-
-
-def conv4_image(pool: bool) -> tuple[int, int, int]:
-    """The test Conv4's input shape: 1x28x28 (Omniglot-like), or 2x21x21 pooled (odd sizes: floor pooling)."""
-    return (2, 21, 21) if pool else (1, 28, 28)
-
-
-def seeded_conv4(hidden: int = 6, *, pool: bool = False, global_pool: bool = False, bn_noise: float = 0.0,
-                  generator: torch.Generator | None = None, dtype: torch.dtype = DT) -> Conv4:
-    """A 5-way Conv4 (float64 unless told) from seed 0, global RNG untouched; batch-norm affine += bn_noise*N(0,1)."""
-    channels, size, _ = conv4_image(pool)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Conv4(channels, WAYS, size, hidden=hidden, pool=pool, global_pool=global_pool).to(dtype)
-        if bn_noise:  # drawn from ``generator``, else from the seeded stream right after the init
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "features" in name and p.ndim == 1:
-                        p.add_(bn_noise * torch.randn(p.shape, generator=generator, dtype=dtype))
-    return model
-
-
-def seeded_mlp(image_size: int, hidden: tuple[int, ...], *, scale: bool = False, only_norm: bool = True) -> MLP:
-    """A 5-way one-channel float64 MLP from seed 0 (global RNG untouched), batch norm (or all) moved by 0.3*N(0,1)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = MLP(1, WAYS, image_size, hidden=hidden, norm_scale=scale).double()
-        with torch.no_grad():  # larger than the 0.01 init, so that the gradients are not all ~0
-            for name, p in model.named_parameters():
-                if ".norm." in name or not only_norm:
-                    p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-Labels = Literal["random", "balanced", "ordered"]
-
-
-def _labels(kind: Labels, lead: tuple[int, ...], n: int, ways: int, gen: torch.Generator) -> Tensor:
-    """``[*lead, n]`` labels: iid, n/ways per class in a shuffled class order per row, or 0..ways-1 repeated."""
-    if kind == "random":
-        return torch.randint(0, ways, (*lead, n), generator=gen)
-    if kind == "balanced":
-        count = math.prod(lead)
-        rows = [torch.randperm(ways, generator=gen).repeat_interleave(n // ways) for _ in range(count)]
-        return torch.stack(rows).reshape(*lead, n)
-    return torch.arange(ways).repeat(*lead, n // ways)
-
-
-def meta_batch(support: int, query: int, image: tuple[int, ...], *, seed: int | torch.Generator = 1,
-               steps: int | None = None, tasks: int = TASKS, ways: int = WAYS, dtype: torch.dtype = DT,
-               normal: bool = False, support_labels: Labels = "random", query_labels: Labels = "random",
-               interleave: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``sx [T, (steps,) support, *image], sy, qx [T, query, *image], qy``: U[0, 1) (or N(0, 1)) images from seed."""
-    # draws both image sets then both label sets, or set by set if ``interleave``: each test keeps its own data
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    draw = torch.randn if normal else torch.rand
-    lead = (tasks,) if steps is None else (tasks, steps)
-    sx = draw(*lead, support, *image, generator=gen, dtype=dtype)
-    if interleave:
-        sy = _labels(support_labels, lead, support, ways, gen)
-        qx = draw(tasks, query, *image, generator=gen, dtype=dtype)
-    else:
-        qx = draw(tasks, query, *image, generator=gen, dtype=dtype)
-        sy = _labels(support_labels, lead, support, ways, gen)
-    qy = _labels(query_labels, (tasks,), query, ways, gen)
-    return sx, sy, qx, qy
-
-
-# -- tiny runs ----------------------------------------------------------------------------------------------
-
-# The smallest useful synthetic-glyph classification: 20 classes per split, a Conv4 of 4 filters.
-TINY_GLYPHS = ["data.options.num_classes=20", "model.options.hidden=4"]
-
-# A whole `metabench run` in seconds on 2 cores: 40 classes per split, hidden 8, few episodes.
-TINY_RUN_CLASSES = 40
-TINY_RUN = [f"data.options.num_classes={TINY_RUN_CLASSES}", "model.options.hidden=8", "episodes.val_episodes=10",
-            "episodes.test_episodes=20", "episodes.eval_batch=10", "trainer.val_every=4",
-            "trainer.checkpoint_every=4", "trainer.log_every=2", "algorithm.meta_batch=4", "algorithm.eval_steps=2"]
-
-
-def local_run(tmp_path: Path) -> list[str]:
-    """Overrides that keep a test run on the CPU, its run folders and records under ``tmp_path``."""
-    return [f"out_dir={tmp_path / 'runs'}", f"records_dir={tmp_path / 'records'}", "trainer.accelerator=cpu"]
-
-
-def tiny_config(tmp_path: Path, algorithm: str, steps: int = 8, extra: list[str] | None = None) -> RunConfig:
-    """``synthetic-5w1s`` with :data:`TINY_RUN`, ``steps`` training steps, :func:`local_run` and ``extra``."""
-    from metabench.config import resolve
-
-    overrides = TINY_RUN + [f"trainer.max_steps={steps}"] + local_run(tmp_path) + (extra or [])
-    return resolve("synthetic-5w1s", algorithm, overrides=overrides)
-
-
-def set_flags(overrides: Iterable[str]) -> list[str]:
-    """The ``--set key=value`` arguments of the metabench CLI for ``overrides``."""
-    return [arg for item in overrides for arg in ("--set", item)]
-
-
-def first_meta_batch(dm: EpisodicDataModule) -> MetaBatch:
-    """The meta-batch a data module's first training step gets (its seed, step 0)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([dm.seed, 0])))
-    return dm.train_sampler.gather(dm.train_sampler.sample(rng, dm.meta_batch))
-
-
-def fit_one_step(module: L.LightningModule, dm: EpisodicDataModule) -> None:
-    """One quiet Lightning training step of ``module`` on ``dm``, on the CPU, no validation, nothing saved."""
-    import lightning as L
-
-    from metabench.runner import quiet_lightning
-
-    quiet_lightning()
-    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, inference_mode=False,
-              accelerator="cpu").fit(module, datamodule=dm)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from metabench.config import resolve
 from metabench.models.inner_loop import adapt_tasks, reptile_update
-from metabench.runner import build_datamodule, build_module
-from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step
+from metabench.run.config import resolve
+from metabench.run.runner import build_datamodule, build_module
+from tests.helpers import TINY_GLYPHS, first_meta_batch, fit_one_step
 
 TINY = TINY_GLYPHS + ["algorithm.meta_batch=3"]
 

@@ -1,4 +1,4 @@
-"""``metabench.allocator.retain_freed_memory``: after it, a convolution's forward and backward run again and again
+"""``metabench.core.allocator.retain_freed_memory``: after it, a convolution's forward and backward run again and again
 stop page-faulting (before it, each run faults thousands of pages in). Each case runs in its own interpreter: the
 setting is process-wide."""
 
@@ -15,7 +15,7 @@ import pytest
 PROBE = """
 import json, resource, sys, torch
 import torch.nn.functional as F
-from metabench.allocator import retain_freed_memory
+from metabench.core.allocator import retain_freed_memory
 torch.set_num_threads(1)
 accepted = retain_freed_memory() if sys.argv[1] == "retain" else None
 x = torch.rand(5, 256, 28, 28, requires_grad=True)

@@ -17,7 +17,7 @@ from metabench.models.algorithms import ANIL, MAML, MetaSGD
 from metabench.models.inner_loop import InnerConfig, Params, adapt_tasks, meta_backward, meta_loss
 from metabench.models.learners import algorithm_config, build_algorithm, learner_class
 from metabench.models.problems import Classification
-from tests.conftest import (
+from tests.helpers import (
     assert_grads_close,
     conv4_image,
     fit_one_step,
@@ -174,7 +174,7 @@ def test_anil_body_untouched_by_adaptation_but_meta_learned(engine: str) -> None
 
 
 def test_anil_training_step_moves_body_and_head(tmp_path: Path) -> None:
-    from metabench.runner import build_datamodule, build_module
+    from metabench.run.runner import build_datamodule, build_module
 
     config = tiny_config(tmp_path, "anil", steps=1, extra=["algorithm.engine=batched"])
     datamodule = build_datamodule(config)
@@ -226,7 +226,7 @@ def test_metasgd_evaluation_adapts_with_the_learned_rates(engine: str) -> None:
 
 
 def test_metasgd_training_step_learns_the_rates(tmp_path: Path) -> None:
-    from metabench.runner import build_datamodule, build_module
+    from metabench.run.runner import build_datamodule, build_module
 
     config = tiny_config(tmp_path, "metasgd", steps=1, extra=["algorithm.engine=batched"])
     datamodule = build_datamodule(config)

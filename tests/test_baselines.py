@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench.cli import main as cli_main
-from metabench.config import ConfigError
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec, MetaBatch
 from metabench.datasets.supervised import LabelledBatch, SupervisedDataModule, augment_images, epoch_order
@@ -39,9 +38,10 @@ from metabench.models.baselines import (
 from metabench.models.hparams import FinetuneConfig
 from metabench.models.learners import algorithm_config, build_algorithm
 from metabench.models.problems import Classification, Segmentation
-from metabench.records import read_record
-from metabench.runner import build_datamodule, build_module, run
-from tests.conftest import (
+from metabench.run.config import ConfigError
+from metabench.run.records import read_record
+from metabench.run.runner import build_datamodule, build_module, run
+from tests.helpers import (
     TINY_RUN,
     TINY_RUN_CLASSES,
     first_meta_batch,

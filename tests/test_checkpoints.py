@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metabench.checkpoints import KeepPreviousCheckpointIO, NoCheckpointError, readable_checkpoint
-from tests.conftest import TINY_RUN, set_flags
+from metabench.run.checkpoints import KeepPreviousCheckpointIO, NoCheckpointError, readable_checkpoint
+from tests.helpers import TINY_RUN, set_flags
 
 
 def _save(io: KeepPreviousCheckpointIO, path: Path, step: int) -> None:

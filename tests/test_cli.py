@@ -56,3 +56,19 @@ def test_bad_input_gives_one_clear_line(tmp_path: Path) -> None:
                              timeout=300)
         assert out.returncode == 2, (argv, out.stderr[-500:])
         assert message in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr[-500:])
+
+
+def test_run_and_grid_share_one_table_of_flags() -> None:
+    """The flags `metabench run` and `metabench grid` share come from cli.RUN_FLAGS, which are the options a grid
+    file may give and the grid passes to each cell (metabench.run.grid.RUN_OPTIONS)."""
+    from metabench.cli import RUN_FLAGS, build_parser
+    from metabench.run.grid import RUN_OPTIONS
+
+    assert {f.dest: f.flag for f in RUN_FLAGS} == RUN_OPTIONS
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    grid = next(a for a in sub["grid"]._actions if a.dest == "grid_command").choices
+    for parser, wanted in ((sub["run"], RUN_FLAGS), (grid["run"], RUN_FLAGS), (grid["sweep"], RUN_FLAGS),
+                           (sub["test"], [f for f in RUN_FLAGS if f.test])):
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert {f.flag for f in wanted} <= flags
+    assert "--max-steps" not in {s for a in sub["test"]._actions for s in a.option_strings}

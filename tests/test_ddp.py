@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metabench.config import ConfigError
+from metabench.core.distributed import broadcast_object, gather_in_order, round_robin, task_slice
 from metabench.datasets.episodes import MetaBatch
-from metabench.distributed import broadcast_object, gather_in_order, round_robin, task_slice
 from metabench.models.learners import algorithm_names, learner_class
-from metabench.records import read_record
-from metabench.runner import _prepare, run, world_size
-from tests.conftest import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
+from metabench.run.config import ConfigError
+from metabench.run.records import read_record
+from metabench.run.runner import _prepare, run, world_size
+from tests.helpers import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
 
 ALGORITHMS = [name for name in algorithm_names() if learner_class(name).capabilities.ddp_exact]
 pytestmark = [  # the float64 step below calls training_step without a Trainer (no logger, a stand-in optimizer)

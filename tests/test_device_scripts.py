@@ -1,4 +1,4 @@
-"""The lent-GPU scripts in benchmarks/device/: staging a large file over several calls, and reproduce.sh's path
+"""The lent-GPU scripts in scripts/device/: staging a large file over several calls, and reproduce.sh's path
 (install check, train, record to $OUT, resume after a cut) on a tiny synthetic run on the CPU."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, set_flags
+from tests.helpers import REPO, set_flags
 
-STAGE = REPO / "benchmarks" / "device" / "stage.sh"
-REPRODUCE = REPO / "benchmarks" / "device" / "reproduce.sh"
+STAGE = REPO / "scripts" / "device" / "stage.sh"
+REPRODUCE = REPO / "scripts" / "device" / "reproduce.sh"
 
 
 def _bash(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -26,8 +26,8 @@ from metabench.models.inner_loop import (
     supports_batched,
     task_outputs,
 )
-from tests.conftest import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
-from tests.conftest import TASKS as T
+from tests.helpers import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
+from tests.helpers import TASKS as T
 
 
 def make_conv4(pool: bool, global_pool: bool, dtype: torch.dtype = DT, hidden: int = 6) -> tuple[Conv4, Params]:
@@ -188,7 +188,7 @@ def test_default_engine_is_a_known_engine() -> None:
     assert default_engine(torch.device("cuda", 0)) in ("batched", "sequential", "vmap")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("engine", ["batched", "vmap"])
 def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
     """float64 second-order meta-gradient on CUDA (<= 1e-10 vs the CPU sequential reference)."""

@@ -1,4 +1,4 @@
-"""Honest FLOP counts (``metabench.flops``): a Conv4 forward against a hand-derived count, a grouped convolution's
+"""Honest FLOP counts (``metabench.perf.flops``): a Conv4 forward against a hand-derived count, a grouped convolution's
 backward against its groups counted one by one, grouped and per-task second-order gradients (one count), and the
 same meta-step on the batched and the sequential engine (equal to first order; to second order the batched engine
 skips work autograd's native double backward wastes)."""
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from metabench.flops import count_flops, gemm_rate
 from metabench.models.backbones import Conv4
 from metabench.models.inner_loop import InnerConfig, meta_loss
-from tests.conftest import conv4_image, meta_batch, seeded_conv4
+from metabench.perf.flops import count_flops, gemm_rate
+from tests.helpers import conv4_image, meta_batch, seeded_conv4
 
 
 def _conv4_flops_by_hand(sizes: list[int], hidden: int, in_channels: int, head_in: int, ways: int) -> int:

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from metabench.cli import dotted_overrides, main, run_args_resolver
-from metabench.grid import Job, execute
-from metabench.records import read_record
-from metabench.runner import run
-from tests.conftest import TINY_RUN, local_run, set_flags, tiny_config
+from metabench.run.grid import Job, execute
+from metabench.run.records import read_record
+from metabench.run.runner import run
+from tests.helpers import TINY_RUN, local_run, set_flags, tiny_config
 
 CPU_ONE_THREAD = ["trainer.cpu_threads=1"]  # cells as processes: one torch thread each (a shared 2-core machine)
 

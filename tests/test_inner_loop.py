@@ -26,8 +26,8 @@ from metabench.models.inner_loop import (
     reptile_update,
     task_outputs,
 )
-from tests.conftest import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
-from tests.conftest import TASKS as T
+from tests.helpers import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
+from tests.helpers import TASKS as T
 
 ENGINES = ["vmap", "sequential"]
 

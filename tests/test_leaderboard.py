@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from metabench import cli
-from metabench.leaderboard import (
+from metabench.core.stats import aggregate_runs, mean_ci95, paired_test
+from metabench.report.leaderboard import (
     BELOW,
     NO_PAPER,
     OVERLAP,
@@ -31,11 +32,10 @@ from metabench.leaderboard import (
     PaperResult,
     build_tables,
     load_paper_results,
-    make_leaderboard,
     verdict,
 )
-from metabench.records import SCHEMA_VERSION, Record, write_record
-from metabench.stats import aggregate_runs, mean_ci95, paired_test
+from metabench.report.make import make_leaderboard
+from metabench.run.records import SCHEMA_VERSION, Record, write_record
 
 GOLDEN = Path(__file__).parent / "golden"
 DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
@@ -170,8 +170,9 @@ def test_paired_test_degenerate_and_bootstrap() -> None:
 
 
 def test_stats_module_stays_light() -> None:
-    """Models import metabench.stats for mean_ci95: it must not pull in scipy (imported by paired_test only)."""
-    code = "import sys, metabench.stats, metabench.atomic; assert 'scipy' not in sys.modules, 'scipy imported'"
+    """Models import metabench.core.stats for mean_ci95: it must not pull in scipy (imported by paired_test only)."""
+    code = ("import sys, metabench.core.stats, metabench.core.atomic; "
+            "assert 'scipy' not in sys.modules, 'scipy imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
@@ -427,8 +428,8 @@ def test_cli_clean_run_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[s
 # -- W&B, offline ---------------------------------------------------------------------------------------------
 
 def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:  # noqa: F811 (fixture)
-    from metabench.leaderboard import CSV_COLUMNS
-    from metabench.wandb_logging import log_leaderboard
+    from metabench.report.leaderboard_csv import CSV_COLUMNS
+    from metabench.report.wandb_leaderboard import log_leaderboard
     from tests.test_wandb import _assert_no_network_tried, _close_wandb, _items, _of_type, read_transaction_log
 
     write_fixture(tmp_path / "records")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from metabench.leaderboard import make_leaderboard
-from metabench.records import write_record
+from metabench.report.make import make_leaderboard
+from metabench.run.records import write_record
 from tests.test_leaderboard import _pattern, make_record, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]

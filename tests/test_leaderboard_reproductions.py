@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 
 from metabench import cli
-from metabench.leaderboard import (
+from metabench.report.leaderboard import (
     BELOW,
-    CSV_COLUMNS,
     OVERLAP,
     REPRODUCED,
     LeaderboardError,
     PaperResult,
     build_tables,
     load_paper_results,
-    make_leaderboard,
 )
-from metabench.reproductions import (
+from metabench.report.leaderboard_csv import CSV_COLUMNS
+from metabench.report.make import make_leaderboard
+from metabench.report.reproductions import (
     BEGIN,
     CONTEXT,
     END,
@@ -145,7 +145,7 @@ def test_csv_opens_with_the_summary(tmp_path: Path) -> None:
 # -- commands -----------------------------------------------------------------------------------------------
 
 def _config(**changes):
-    from metabench.config import resolve
+    from metabench.run.config import resolve
 
     return resolve("omniglot-5w1s", "maml", "paper", overrides=[f"{k}={v}" for k, v in changes.items()]).to_dict()
 
@@ -177,7 +177,7 @@ def test_record_commands() -> None:
 
 
 def _presets() -> list[str]:
-    from metabench.config import preset_names
+    from metabench.run.config import preset_names
 
     return preset_names("omniglot-5w1s")[1]
 

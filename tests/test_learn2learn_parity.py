@@ -2,7 +2,7 @@
 its Meta-SGD meta-gradients (w.r.t. the parameters and the per-parameter rates) ``l2l.algorithms.MetaSGD``'s.
 
 learn2learn is an optional oracle, never a dependency of metabench: install it with
-``bash benchmarks/install_learn2learn.sh``. Without it this module skips on a developer machine but FAILS
+``bash scripts/install_learn2learn.sh``. Without it this module skips on a developer machine but FAILS
 under CI (``CI`` set), where ``.ci/run`` installs it first, so the parity check cannot silently vanish.
 
 Same float64 Conv4 init (deep copy), same random 5-way 1-shot meta-batch of 3 tasks (5 support, 10 query
@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metabench.models.inner_loop import InnerConfig, meta_loss
-from tests.conftest import TASKS, WAYS, flat, meta_batch, rel_err, seeded_conv4, seeded_mlp
+from tests.helpers import TASKS, WAYS, flat, meta_batch, rel_err, seeded_conv4, seeded_mlp
 
 if os.environ.get("CI"):
     try:
         import learn2learn as l2l
-    except ImportError as error:  # CI runs benchmarks/install_learn2learn.sh before pytest
+    except ImportError as error:  # CI runs scripts/install_learn2learn.sh before pytest
         pytest.fail(f"learn2learn is not importable under CI ({error}); "
-                    "run `bash benchmarks/install_learn2learn.sh` first", pytrace=False)
+                    "run `bash scripts/install_learn2learn.sh` first", pytrace=False)
 else:
-    l2l = pytest.importorskip("learn2learn", reason="optional oracle: bash benchmarks/install_learn2learn.sh")
+    l2l = pytest.importorskip("learn2learn", reason="optional oracle: bash scripts/install_learn2learn.sh")
 
 pytestmark = pytest.mark.l2l
 
@@ -168,5 +168,5 @@ def test_metasgd_meta_gradient_matches_learn2learn(steps: int, first_order: bool
 
 
 def test_oracle_version() -> None:
-    """The oracle is pinned: benchmarks/install_learn2learn.sh installs exactly 0.2.0."""
+    """The oracle is pinned: scripts/install_learn2learn.sh installs exactly 0.2.0."""
     assert l2l.__version__ == "0.2.0"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from metabench.config import resolve
-from metabench.runner import run
-from tests.conftest import local_run
+from metabench.run.config import resolve
+from metabench.run.runner import run
+from tests.helpers import local_run
 
 STEPS = {"maml": 250, "fomaml": 250, "anil": 250, "metasgd": 250, "mamlpp": 250, "reptile": 400, "protonet": 400,
          "baseline": 1000, "baseline++": 1000}

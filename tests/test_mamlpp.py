@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metabench.config import resolve
 from metabench.datasets.episodes import MetaBatch
 from metabench.models.algorithms import MAML, MAMLPlusPlus, cosine_lr, msl_weights
 from metabench.models.backbones import is_norm, make_norm_per_step
@@ -27,8 +26,9 @@ from metabench.models.hparams import AlgorithmConfig
 from metabench.models.inner_loop import InnerConfig, Params, meta_backward, meta_loss
 from metabench.models.learners import algorithm_config, build_algorithm, learner_class
 from metabench.models.problems import Classification
-from metabench.records import read_record
-from tests.conftest import (
+from metabench.run.config import resolve
+from metabench.run.records import read_record
+from tests.helpers import (
     DT,
     TINY_RUN,
     assert_grads_close,
@@ -157,7 +157,7 @@ def test_chunked_backward_with_every_switch_equals_whole_batch(engine: str) -> N
     assert_grads_close([t.grad if t.grad is not None else torch.zeros_like(t) for t in _wrt(model, rates)], list(ref))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("engine", ["batched", "vmap"])
 def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
     """Every switch's gradient path on CUDA, float64, second order (<= 1e-10 vs the CPU sequential engine)."""
@@ -524,7 +524,7 @@ class _Interrupt(Exception):
 def test_resumed_mamlpp_run_matches_the_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run interrupted after its step-4 checkpoint and resumed gives the uninterrupted run's test scores: the
     epoch (MSL, DA) comes from the restored global step, CA's learning rate from the restored scheduler."""
-    from metabench.runner import run, run_dir_for
+    from metabench.run.runner import run, run_dir_for
 
     extra = ["algorithm.steps_per_epoch=2", "algorithm.first_order_epochs=1", "algorithm.msl_epochs=2",
              "algorithm.engine=batched"]

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metabench.config import ConfigError, resolve
 from metabench.models.algorithms import adapted_parameter_names
 from metabench.models.backbones import MLP, BatchNorm1d, build_backbone
 from metabench.models.inner_loop import InnerConfig, adapt_tasks, functional_loss, meta_loss, task_outputs
 from metabench.models.learners import algorithm_config
-from tests.conftest import DT, WAYS, meta_batch, rel_err, seeded_mlp
-from tests.conftest import TASKS as T
+from metabench.run.config import ConfigError, resolve
+from tests.helpers import DT, WAYS, meta_batch, rel_err, seeded_mlp
+from tests.helpers import TASKS as T
 
 SIZE, HIDDEN = 8, (12, 8, 6, 6)  # a narrow MLP on 8x8 images
 

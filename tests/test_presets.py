@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metabench.config import AlgorithmConfig, ConfigError, list_benchmarks, preset_algorithms, resolve
 from metabench.datasets.omniglot import DRAWINGS
 from metabench.models.learners import algorithm_names, learner_class
+from metabench.run.config import (
+    AlgorithmConfig,
+    ConfigError,
+    list_benchmarks,
+    preset_algorithms,
+    preset_path,
+    resolve,
+)
 
 PAPER_BENCHMARKS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
                     "mini-imagenet-5w1s", "mini-imagenet-5w5s")
@@ -329,7 +336,7 @@ def test_preset_entries_use_only_algorithm_fields_and_sections() -> None:
     """Guards the YAML itself: a typo in a preset would otherwise only surface when someone runs it."""
     sections = {"trainer", "episodes", "model", "data"}
     allowed = {f.name for f in dataclasses.fields(AlgorithmConfig)} - {"name"} | sections
-    presets_dir = Path(resolve.__code__.co_filename).parent / "presets"
+    presets_dir = preset_path(PAPER_BENCHMARKS[0]).parent  # benchmarks/presets
     for benchmark in PAPER_BENCHMARKS:
         spec = yaml.safe_load((presets_dir / f"{benchmark}.yaml").read_text())
         assert spec["default_preset"] == "paper"

@@ -10,8 +10,8 @@ import torch
 
 from metabench.cli import main
 from metabench.models.inner_loop import meta_loss
-from metabench.profile_step import PHASES, PhasedStep, profile_phases
-from tests.conftest import meta_batch, seeded_conv4
+from metabench.perf.profile_step import PHASES, PhasedStep, profile_phases
+from tests.helpers import meta_batch, seeded_conv4
 
 
 class _Module(torch.nn.Module):

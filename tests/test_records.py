@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from metabench.records import SCHEMA_VERSION, Record, RecordError, read_record, write_record
+from metabench.run.records import SCHEMA_VERSION, Record, RecordError, read_record, write_record
 
 DIGEST = "ab" * 32
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "records"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metabench.config import ConfigError, resolve
+from metabench.core.registry import Registry, RegistryError, import_reference
 from metabench.datasets.base import DatasetError
 from metabench.datasets.registry import DATASETS, get_dataset
 from metabench.models.algorithms import LEARNERS, MetaLearner
@@ -20,8 +20,8 @@ from metabench.models.hparams import AlgorithmConfig, Capabilities
 from metabench.models.inner_loop import InnerConfig, meta_loss, supports_batched
 from metabench.models.learners import algorithm_config, algorithm_names, build_algorithm, learner_class
 from metabench.models.problems import Classification
-from metabench.registry import Registry, RegistryError, import_reference
-from tests.conftest import rel_err
+from metabench.run.config import ConfigError, resolve
+from tests.helpers import rel_err
 
 BUILTIN = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer", "protonet", "baseline",
            "baseline++"]

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from metabench.config import ConfigError, resolve
 from metabench.datasets.base import DatasetError
 from metabench.datasets.omniglot import load_omniglot, split_characters
 from metabench.models.inner_loop import InnerConfig, InnerState, adapt_tasks, adapt_with_state, minibatch_rows
 from metabench.models.learners import algorithm_config
-from metabench.runner import build_datamodule, build_module, quiet_lightning, run, world_size
-from metabench.runner import test_run as retest
-from tests.conftest import TINY_GLYPHS, first_meta_batch, tiny_config
+from metabench.run.config import ConfigError, resolve
+from metabench.run.runner import build_datamodule, build_module, quiet_lightning, run, world_size
+from metabench.run.runner import test_run as retest
+from tests.helpers import TINY_GLYPHS, first_meta_batch, tiny_config
 
 PERSISTENT = TINY_GLYPHS + ["algorithm.meta_batch=2", "algorithm.inner_steps=2", "algorithm.inner_batch=null",
                             "algorithm.inner_state=persistent", "algorithm.inner_optimizer=adam",
@@ -310,7 +310,7 @@ def test_the_foreach_adam_step_is_the_per_tensor_one_bit_for_bit(dtype: torch.dt
 
 def test_the_data_fingerprint_of_a_run_without_validation_never_reads_a_val_split() -> None:
     """Reptile's split has no validation characters: the record's data_sha256 must not ask for them."""
-    from metabench.provenance import data_sha256
+    from metabench.run.provenance import data_sha256
 
     config = resolve("synthetic-5w1s", "reptile", overrides=TINY_GLYPHS + ["episodes.val_episodes=0"])
     dm = build_datamodule(config, torch.device("cpu"))

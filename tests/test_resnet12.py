@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metabench.config import preset_algorithms
 from metabench.models.backbones import BatchNorm2d, build_backbone
 from metabench.models.inner_loop import InnerConfig, meta_loss
 from metabench.models.resnet12 import METAOPTNET_WIDTHS, TADAM_WIDTHS, ResNet12
-from metabench.records import read_record
-from metabench.runner import run
-from tests.conftest import DT, WAYS, flat, meta_batch, rel_err, tiny_config
+from metabench.run.config import preset_algorithms
+from metabench.run.records import read_record
+from metabench.run.runner import run
+from tests.helpers import DT, WAYS, flat, meta_batch, rel_err, tiny_config
 from tests.test_inner_loop import reference_maml_grad
 
 

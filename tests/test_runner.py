@@ -16,9 +16,9 @@ import torch
 from metabench.datasets.episodes import EpisodeSampler, EpisodeSpec
 from metabench.datasets.synthetic import make_glyphs
 from metabench.models.algorithms import DivergenceError
-from metabench.records import read_record
-from metabench.runner import run
-from tests.conftest import TINY_RUN, TINY_RUN_CLASSES, set_flags, tiny_config
+from metabench.run.records import read_record
+from metabench.run.runner import run
+from tests.helpers import TINY_RUN, TINY_RUN_CLASSES, set_flags, tiny_config
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
@@ -147,7 +147,7 @@ def test_non_transductive_evaluation_is_recorded(tmp_path: Path) -> None:
 def test_test_run_reproduces_the_run_and_scores_another_protocol(tmp_path: Path) -> None:
     """Same protocol: the run's own scores and random-init baseline, exactly (same weights, same init, same
     episodes). One query per class: another digest, the run's steps and time, a second record."""
-    from metabench.runner import test_run
+    from metabench.run.runner import test_run
 
     trained = run(tiny_config(tmp_path, "maml", steps=6), progress=False)
     again = test_run(tiny_config(tmp_path, "maml", steps=6)).record
@@ -187,8 +187,8 @@ def test_test_cli_refuses_what_it_cannot_do(tmp_path: Path) -> None:
 def test_test_accepts_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
     """A run folder's config.json from before a field was added (e.g. MAML++'s switches) lacks the key: it counts
     as the field's default, so `metabench test` still evaluates the run; a changed value is still refused."""
-    from metabench.config import ConfigError
-    from metabench.runner import check_test_overrides
+    from metabench.run.config import ConfigError
+    from metabench.run.runner import check_test_overrides
 
     config = tiny_config(tmp_path, "maml")
     saved = config.to_dict()
@@ -202,8 +202,8 @@ def test_test_accepts_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
 def test_test_ignores_the_training_runs_validation_and_checkpoint_cadence(tmp_path: Path) -> None:
     """A run trained with --set trainer.val_every / trainer.checkpoint_every is tested without repeating them (the
     flagship run's case): they change neither the weights nor the test; what was trained is still checked."""
-    from metabench.config import ConfigError
-    from metabench.runner import check_test_overrides, with_training_shape
+    from metabench.run.config import ConfigError
+    from metabench.run.runner import check_test_overrides, with_training_shape
 
     saved = tiny_config(tmp_path, "maml", extra=["trainer.val_every=2500", "trainer.checkpoint_every=500"]).to_dict()
     # test_run first fills the training episode shape the tested config leaves null with the run's own (15 queries)
@@ -217,7 +217,7 @@ def test_test_ignores_the_training_runs_validation_and_checkpoint_cadence(tmp_pa
 
 
 def test_test_run_refuses_an_unfinished_run(tmp_path: Path) -> None:
-    from metabench.runner import test_run
+    from metabench.run.runner import test_run
 
     result = run(tiny_config(tmp_path, "maml", steps=4), progress=False)
     saved = result.run_dir / "config.json"  # as if the run had been planned for 8 steps and stopped at 4
@@ -235,7 +235,7 @@ def test_build_datamodule_uses_a_given_split_and_the_cache_for_generated_data(tm
     """Regression: ``load_split or partial(...) if needs_root else partial(...)`` parsed as ``(load_split or
     ...) if ... else ...``, so a split loader passed for a generated dataset was ignored, and generated datasets
     never got ``data.cache_dir``."""
-    from metabench.runner import build_datamodule
+    from metabench.run.runner import build_datamodule
 
     given = make_glyphs("train", seed=3, num_classes=12)
     config = tiny_config(tmp_path, "maml")

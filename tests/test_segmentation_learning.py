@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from metabench.config import resolve
-from metabench.runner import run
-from tests.conftest import local_run
+from metabench.run.config import resolve
+from metabench.run.runner import run
+from tests.helpers import local_run
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ from metabench.models.inner_loop import InnerConfig, adapt_tasks, meta_loss, rep
 from metabench.models.learners import algorithm_config, build_algorithm
 from metabench.models.problems import Classification, Segmentation, episode_counts, fb_iou, mean_iou
 from metabench.models.segmentation import ConvSeg
-from metabench.runner import quiet_lightning
-from tests.conftest import TINY_GLYPHS, first_meta_batch, fit_one_step, local_run
+from metabench.run.runner import quiet_lightning
+from tests.helpers import TINY_GLYPHS, first_meta_batch, fit_one_step, local_run
 
 
 def fake_split(name: str, classes: int = 6, per_class: int = 6, size: int = 16, seed: int = 0) -> ImageSplit:
@@ -255,9 +255,9 @@ SEG_TINY = ["data.options.image_size=16", "data.options.num_classes=6", "data.op
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "transfer"])
 def test_segmentation_run_writes_miou_fb_iou_and_curve(tmp_path, algorithm: str) -> None:
-    from metabench.config import resolve
-    from metabench.records import read_record
-    from metabench.runner import run
+    from metabench.run.config import resolve
+    from metabench.run.records import read_record
+    from metabench.run.runner import run
 
     config = resolve("synthetic-seg-1w1s", algorithm, overrides=SEG_TINY + local_run(tmp_path))
     record = read_record(run(config, progress=False).record_path)
@@ -269,8 +269,8 @@ def test_segmentation_run_writes_miou_fb_iou_and_curve(tmp_path, algorithm: str)
 
 
 def test_classification_run_records_its_validation_curve(tmp_path) -> None:
-    from metabench.config import resolve
-    from metabench.runner import run
+    from metabench.run.config import resolve
+    from metabench.run.runner import run
 
     config = resolve("synthetic-5w1s", "fomaml", overrides=TINY_GLYPHS + [
         "episodes.val_episodes=4", "episodes.test_episodes=4", "episodes.eval_batch=4", "trainer.max_steps=4",
@@ -281,8 +281,8 @@ def test_classification_run_records_its_validation_curve(tmp_path) -> None:
 
 
 def test_mismatched_backbone_or_transfer_on_classification_is_a_config_error() -> None:
-    from metabench.config import ConfigError, resolve
-    from metabench.runner import build_datamodule, build_module
+    from metabench.run.config import ConfigError, resolve
+    from metabench.run.runner import build_datamodule, build_module
 
     config = resolve("synthetic-seg-1w1s", "maml", overrides=SEG_TINY + ["model.backbone=conv4"])
     with pytest.raises(ConfigError, match="conv4.*classification network.*segmentation"):
@@ -301,8 +301,8 @@ SEG_BENCHMARKS = ("synthetic-seg-1w1s", "fss-mini-1w1s", "fss-mini-1w5s", "fss-1
 
 @pytest.mark.parametrize("benchmark", SEG_BENCHMARKS)
 def test_segmentation_presets_define_all_four_algorithms_with_sources(benchmark: str) -> None:
-    from metabench.config import preset_algorithms, resolve
     from metabench.datasets.registry import get_dataset
+    from metabench.run.config import preset_algorithms, resolve
 
     assert preset_algorithms(benchmark) == ["maml", "fomaml", "reptile", "transfer"]
     for algorithm in preset_algorithms(benchmark):

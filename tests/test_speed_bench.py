@@ -12,8 +12,8 @@ import torch
 from metabench.cli import main
 from metabench.models.algorithms import MAML, Reptile
 from metabench.models.inner_loop import engine_candidates
-from metabench.speed import format_table, learn2learn_available, machine_gemm_rate, run_speed, speed_config
-from metabench.step_time import describe, time_steps
+from metabench.perf.speed import format_table, learn2learn_available, machine_gemm_rate, run_speed, speed_config
+from metabench.perf.step_time import describe, time_steps
 
 CPU = torch.device("cpu")
 
@@ -74,7 +74,7 @@ def test_run_speed_times_the_modules_own_step(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_run_speed_flop_count_does_not_depend_on_the_engine() -> None:
-    """The same FOMAML training step counted on each engine alone: one FLOP count (metabench.flops), so FLOP/s and
+    """The same FOMAML training step counted on each engine alone: one FLOP count (metabench.perf.flops), so FLOP/s and
     the fraction of the GEMM rate compare across rows and runs."""
     counts = {engine: run_speed(["omniglot-5w1s"], ["fomaml"], [engine], CPU, iterations=1, warmup=0, tiny=True,
                                 isolate=False, threads=1, log=_quiet)[0]["flops"]
@@ -142,7 +142,7 @@ def test_time_steps_reports_the_engine_auto_picked() -> None:
 
 
 def test_scaling_layouts_and_table() -> None:
-    from metabench.scaling import parse_layout, table
+    from metabench.perf.scaling import parse_layout, table
 
     assert parse_layout("2x1") == (2, 1) and parse_layout(" 1 x 2 ") == (1, 2)
     for bad in ("2", "0x1", "2x0", "axb"):

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from metabench import verify as verify_module
-from metabench.published import test_weights as evaluate_weights
-from metabench.records import read_record, record_path
-from metabench.runner import RunResult, run
-from metabench.runner import test_run as retest_run
-from metabench.verify import VerifyError, code_changes, verify
-from metabench.weights import WEIGHTS_FILE, WeightsError, publish, read_weights, state_sha256, write_weights
-from tests.conftest import tiny_config
+from metabench.run import verify as verify_module
+from metabench.run.published import test_weights as evaluate_weights
+from metabench.run.records import read_record, record_path
+from metabench.run.runner import RunResult, run
+from metabench.run.runner import test_run as retest_run
+from metabench.run.verify import VerifyError, code_changes, verify
+from metabench.run.weights import WEIGHTS_FILE, WeightsError, publish, read_weights, state_sha256, write_weights
+from tests.helpers import tiny_config
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,25 @@ def test_code_changes_are_named(tmp_path: Path) -> None:
     assert code_changes(commit + "+dirty", tmp_path).startswith("code unknown: the record was made from uncommitted")
     (tmp_path / "models" / "inner_loop.py").write_text("x = 2\n")
     assert code_changes(commit, tmp_path) == f"code differs: models/inner_loop.py changed since {commit[:10]}"
+
+
+def test_code_changes_follow_training_code_across_a_move(tmp_path: Path) -> None:
+    """A record made before the layout of issue 24 names a commit with benchmarks/runner.py and stats.py: moved
+    unchanged they are no change; moved and edited, the edit is named by the file's path now."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("runner.py", "stats.py"):
+        (tmp_path / "benchmarks" / name).write_text(f"# {name}\nx = 1\n")
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for old, new in (("runner.py", "run/runner.py"), ("stats.py", "core/stats.py")):
+        (tmp_path / "benchmarks" / new).parent.mkdir(exist_ok=True)
+        subprocess.run([*git, "mv", f"benchmarks/{old}", f"benchmarks/{new}"], cwd=tmp_path, check=True)
+    assert code_changes(commit, tmp_path) is None
+    (tmp_path / "benchmarks" / "run" / "runner.py").write_text("# runner.py\nx = 2\n")
+    assert code_changes(commit, tmp_path) == f"code differs: benchmarks/run/runner.py changed since {commit[:10]}"
 
 
 def test_verify_refuses_records_it_cannot_rebuild(published: Published, tmp_path: Path) -> None:

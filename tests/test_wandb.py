@@ -25,10 +25,10 @@ import pytest
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from metabench.records import read_record  # noqa: E402
-from metabench.runner import run  # noqa: E402
-from metabench.wandb_logging import has_api_key  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from metabench.run.records import read_record  # noqa: E402
+from metabench.run.runner import run  # noqa: E402
+from metabench.run.wandb_logging import has_api_key  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
 
 FAKE_KEY = "fake" * 10  # 40 characters: the shape of a real key
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any HTTP attempt by wandb-core fails and is logged
@@ -289,7 +289,7 @@ def test_sweep_run_logs_the_full_configuration_beside_the_sweep_parameters(
     the run's config and locks them; the resolved configuration must still arrive, its `algorithm` section (the
     parameter `algorithm` is the name) as `algorithm_config`."""
     from metabench.cli import main
-    from tests.conftest import TINY_RUN
+    from tests.helpers import TINY_RUN
 
     parameters = {"benchmark": "synthetic-5w1s", "algorithm": "maml", "seed": 1, "algorithm.inner_lr": 0.2}
     params_file = tmp_path / "sweep-params.yaml"

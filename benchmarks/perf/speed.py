@@ -21,7 +21,7 @@ Lightning's ``on_train_batch_start`` to ``on_train_batch_end`` (training step, b
 gathering of the meta-batch and Lightning's loop. CUDA is synchronised at both hooks. Ratios are computed within
 one run only.
 
-FLOPs: ``metabench.flops.flop_counter`` (torch's ``FlopCounterMode`` with grouped-convolution backward counted per
+FLOPs: ``metabench.perf.flops.flop_counter`` (torch's ``FlopCounterMode`` with grouped-convolution backward counted per
 group) over one extra, untimed step of the ``batched`` engine (else of the first engine listed): convolutions and
 matmuls, forward and all backward passes, each derivative computed once (the sequential reference counts the same
 to first order and up to 5 % more to second order, where autograd's native double backward computes gradients it
@@ -60,17 +60,17 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from metabench.allocator import retain_freed_memory
-from metabench.config import RunConfig, resolve
+from metabench.core.allocator import retain_freed_memory
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import MetaBatch
-from metabench.flops import count_flops, flop_counter, gemm_rate
 from metabench.models.algorithms import MetaLearner
 from metabench.models.hparams import ENGINES as CONFIG_ENGINES
 from metabench.models.inner_loop import ENGINES, engine_candidates
-from metabench.records import git_commit
-from metabench.runner import build_datamodule, build_module, quiet_lightning
+from metabench.perf.flops import count_flops, flop_counter, gemm_rate
+from metabench.run.config import RunConfig, resolve
+from metabench.run.records import git_commit
+from metabench.run.runner import MetaDDP, build_datamodule, build_module, device_name, pick_device, quiet_lightning
 
 PROTOCOLS = ("omniglot-5w1s", "omniglot-20w1s", "mini-imagenet-5w1s", "mini-imagenet-5w5s")
 LEARN2LEARN = "learn2learn"  # the outside reference, timed next to metabench's engines
@@ -242,8 +242,6 @@ def fit_for_timing(module: MetaLearner, datamodule: EpisodicDataModule, device: 
                    callbacks: list[Callback], processes: int = 1) -> L.Trainer:
     """Train ``module`` for ``max_steps`` steps as a run does (its optimizers, hooks, data loader), without
     validation, checkpoints, logger or progress bar; ``processes`` > 1: as ``--devices N --strategy ddp``."""
-    from metabench.runner import MetaDDP
-
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes,
                         strategy=MetaDDP(process_group_backend=None) if processes > 1 else "auto",
                         use_distributed_sampler=False, max_steps=max_steps,
@@ -373,7 +371,7 @@ def measure_cell(cell: dict) -> dict:
 
 def _run_isolated(cell: dict) -> dict:
     """``measure_cell`` in a fresh interpreter (clean heap for the memory number)."""
-    code = ("import json,sys; from metabench.speed import measure_cell; "
+    code = ("import json,sys; from metabench.perf.speed import measure_cell; "
             "print(json.dumps(measure_cell(json.load(sys.stdin))))")
     result = subprocess.run([sys.executable, "-c", code], input=json.dumps(cell), capture_output=True, text=True)
     if result.returncode != 0:
@@ -479,8 +477,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metabench.runner import device_name, pick_device
-
     device = pick_device(args.accelerator)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -494,13 +490,13 @@ def main(args: argparse.Namespace) -> int:
     print(table)
     if gemm is not None:
         print(f"matrix-multiply rate (fp32 GEMM, median over the cells): {gemm:.1f} GFLOP/s; "
-              "% GEMM = a row's GFLOP/s / that rate (FLOPs: one step's work, metabench.flops)")
+              "% GEMM = a row's GFLOP/s / that rate (FLOPs: one step's work, metabench.perf.flops)")
     out = Path(args.out) if args.out else Path(os.environ.get("OUT") or "results/speed") / f"speed-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "speed", "device": device_name(device), "machine": platform.machine(),
                                "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
                                "git_commit": git_commit(),
-                               "step": "the module's own Lightning training step (metabench.runner.build_module)",
+                               "step": "the module's own Lightning training step (metabench.run.runner.build_module)",
                                "fast_engine": "auto: the fastest of " + ", ".join(engine_candidates(device))
                                               + " per protocol (rows marked fast_path)", "tiny": args.tiny,
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -509,7 +505,7 @@ def main(args: argparse.Namespace) -> int:
                                "gemm": {"size": TINY_GEMM_SIZE if args.tiny else GEMM_SIZE, "dtype": "float32",
                                         "gflop_per_s": gemm,
                                         "per_cell": [r["gemm_gflop_per_s"] for r in rows]},
-                               "flops": "metabench.flops.flop_counter (grouped conv backward per group)",
+                               "flops": "metabench.perf.flops.flop_counter (grouped conv backward per group)",
                                "rows": rows,
                                "table": table}, indent=1) + "\n")
     print(f"wrote {out}")

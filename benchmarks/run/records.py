@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from metabench.atomic import atomic_write_bytes
-from metabench.stats import mean_ci95
+import metabench
+from metabench.core.atomic import atomic_write_bytes
+from metabench.core.stats import mean_ci95
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: before the provenance fields (execution, data and weights sha256)
 V2_FIELDS = ("execution", "data_sha256", "weights_sha256")
-EXECUTION_KEYS = ("engine", "processes", "threads", "training")
+EXECUTION_FIELDS = ("engine", "processes", "threads", "training")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -66,8 +67,8 @@ class Record:
     # (torch intra-op threads per process), "training": [[first step, processes, threads], ...] one entry per
     # training session (a resume starts a new one; [] when the checkpoint did not say)}. Empty before schema 2.
     execution: dict[str, Any] = field(default_factory=dict)
-    data_sha256: str | None = None  # the prepared splits read (metabench.provenance.data_sha256)
-    weights_sha256: str | None = None  # the final weights (metabench.weights.state_sha256)
+    data_sha256: str | None = None  # the prepared splits read (metabench.run.provenance.data_sha256)
+    weights_sha256: str | None = None  # the final weights (metabench.run.weights.state_sha256)
     schema_version: int = SCHEMA_VERSION
 
     def validate(self, where: str = "record") -> None:
@@ -137,11 +138,11 @@ def _check_numbers(where: str, name: str, values: list[Any]) -> None:
 
 
 def _check_execution(where: str, execution: dict[str, Any]) -> None:
-    """``execution`` is empty (records before schema 2) or holds exactly :data:`EXECUTION_KEYS`, typed."""
+    """``execution`` is empty (records before schema 2) or holds exactly :data:`EXECUTION_FIELDS`, typed."""
     if not execution:
         return
-    if set(execution) != set(EXECUTION_KEYS):
-        raise RecordError(f"{where}: execution should hold {', '.join(EXECUTION_KEYS)}, got "
+    if set(execution) != set(EXECUTION_FIELDS):
+        raise RecordError(f"{where}: execution should hold {', '.join(EXECUTION_FIELDS)}, got "
                           f"{', '.join(sorted(execution))}")
     if not isinstance(execution["engine"], str):
         raise RecordError(f"{where}: execution.engine should be str, got {execution['engine']!r:.40}")
@@ -220,8 +221,6 @@ def git_commit(repo: Path | None = None) -> str | None:
 def versions() -> dict[str, str]:
     import lightning
     import torch
-
-    import metabench
 
     return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
             "metabench": metabench.__version__, "platform": platform.platform()}

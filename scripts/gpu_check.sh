@@ -7,7 +7,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl NAME==VERSION
-# learn2learn 0.2.0 has no cp312 wheel (it is built from source: benchmarks/install_learn2learn.sh); without
+# learn2learn 0.2.0 has no cp312 wheel (it is built from source: scripts/install_learn2learn.sh); without
 # it the learn2learn rows are simply absent from the table.
 set -uo pipefail
 OUT_DIR=${OUT:-results/speed}

@@ -2,9 +2,9 @@
 # Bring a file larger than one device call may carry (64 MiB; mini-ImageNet's images.zip is 156 MB) to a lent
 # machine in parts, over consecutive calls, into a folder outside the carried paths that the warm machine keeps.
 #
-#   here:   bash benchmarks/device/stage.sh split FILE PARTS_DIR [PART_MIB]
+#   here:   bash scripts/device/stage.sh split FILE PARTS_DIR [PART_MIB]
 #           -> PARTS_DIR/NAME.part-000, -001, ... (default 56 MiB each) and PARTS_DIR/NAME.sha256
-#   there:  bash benchmarks/device/stage.sh join CARRIED_DIR DEST_DIR
+#   there:  bash scripts/device/stage.sh join CARRIED_DIR DEST_DIR
 #           -> copies whatever parts CARRIED_DIR holds into DEST_DIR/.parts/; once every part is there,
 #              assembles DEST_DIR/NAME, checks its sha256 and removes the parts. Exit 0 when assembled,
 #              75 while parts are still missing (carry the next ones and call again), 1 on a checksum error.

@@ -1,4 +1,4 @@
-"""The leaderboard: every run record -> one honest comparison table per benchmark (Markdown, CSV, HTML).
+"""The leaderboard's tables: every run record -> one honest comparison table per benchmark, and its Markdown page.
 
 A benchmark table is keyed by (benchmark, protocol), the protocol being the record's test protocol: its
 ``algorithm.bn_mode`` (transductive or non-transductive test-time batch norm) and the query images per class
@@ -9,32 +9,27 @@ Published numbers come from ``paper_results.yaml`` beside this file; a row gets 
 backbone family and test protocol (batch-norm mode, class split, queries per class) are the row's own.
 
 Output is deterministic: the same records give byte-identical files (no timestamps, no absolute paths,
-stable orders, fixed float precision).
+stable orders, fixed float precision). The reproductions summary (:mod:`metabench.report.reproductions`), the CSV
+(:mod:`metabench.report.leaderboard_csv`) and the HTML page (:mod:`metabench.report.leaderboard_html`) build on
+these tables; :mod:`metabench.report.make` writes them all.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from metabench.atomic import atomic_write_bytes
-from metabench.records import Record, RecordError, read_record
-from metabench.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
+from metabench.core.stats import ALPHA, BOOTSTRAP_RESAMPLES, T_TEST_MIN_N, PairedTest, aggregate_runs, paired_test
+from metabench.run.records import Record, RecordError, read_record
 
-if TYPE_CHECKING:
-    from metabench.reproductions import Reproduction
-
-PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+PAPER_RESULTS = Path(__file__).parents[1] / "paper_results.yaml"  # benchmarks/paper_results.yaml
 
 REPRODUCED, OVERLAP, BELOW, NO_PAPER = "reproduced", "CIs overlap", "below", "—"
 
@@ -622,121 +617,3 @@ def render_markdown(tables: Sequence[BenchmarkTable], problems: Sequence[str] = 
             out += [f"- `{d}`" for d in sorted({r.digest for r in table.other_rows})] + [""]
             out += _md_rows(table, table.other_rows, bold=False) + [""]
     return "\n".join(out).rstrip("\n") + "\n"
-
-
-CSV_COLUMNS = ["benchmark", "protocol", "metric", "section", "algorithm", "backbone", "preset", "mean_pct",
-               "ci95_pct", "random_init_pct", "extra_metrics_pct", "seeds", "runs", "episodes", "episode_digest",
-               "best_or_tied",
-               "vs_best", "paper_mean_pct", "paper_ci95_pct", "paper_source", "paper_row", "delta_pct", "verdict",
-               "training_steps", "train_seconds", "test_seconds", "tasks_per_second", "device", "files", "state",
-               "command"]
-
-
-def _csv_row(table: BenchmarkTable | None, section: str, row: Row | None, paper: PaperResult | None,
-             state: str = "", command: str = "", metric: str = "") -> list[Any]:
-    """One CSV line: a row of a table, or (``table`` None) a reproduction (``row`` None: not run)."""
-    ours = row is not None and not row.paper_only
-    ranked = section == "ranked"
-    if table is not None:
-        where = [table.benchmark, table.protocol, table.metric]
-    else:
-        assert paper is not None
-        where = [paper.benchmark, f"{paper.protocol}, {paper.test_protocol}", metric]
-    verdict_ = "" if row is None or row.verdict == NO_PAPER else row.verdict
-    return where + [
-        section, row.algorithm if row else paper.algorithm if paper else "",
-        row.backbone if row else paper.backbone if paper else "", row.preset if row else "",
-        pct(row.mean, 4) if ours else "", pct(row.ci95, 4) if ours else "",
-        pct(row.random_init, 4) if ours and not math.isnan(row.random_init) else "",
-        ";".join(f"{k}={pct(v, 4)}" for k, v in sorted(row.metrics.items())) if row else "",
-        len(row.seeds) if ours else "", row.runs if ours else "", row.episodes if ours else "",
-        row.digest if row else "", ("yes" if row.tied else "no") if ranked and row else "",
-        vs_best_text(row) if ranked and row else "",
-        f"{paper.mean:g}" if paper else "", f"{paper.ci95:g}" if paper and paper.ci95 is not None else "",
-        paper.source if paper else "", paper.row if paper else "",
-        "" if row is None or row.delta is None else f"{row.delta:.4f}", verdict_,
-        steps_text(row) if ours else "", fmt(row.train_seconds, 3) if ours else "",
-        fmt(row.eval_seconds, 3) if ours else "", fmt(row.tasks_per_second, 3) if ours else "",
-        "; ".join(row.devices) if row else "", " ".join(row.files) if row else "", state, command]
-
-
-def csv_rows(tables: Sequence[BenchmarkTable], reproductions: Sequence[Reproduction] = ()) -> list[list[Any]]:
-    """The CSV's lines after its header, :data:`CSV_COLUMNS` each: the reproductions first (section
-    "reproduction", with their state and the commands that made our records), then every table's rows."""
-    out = [_csv_row(None, "reproduction", r.row, r.paper, r.state, " ; ".join(r.commands), r.metric)
-           for r in reproductions]
-    for table in tables:
-        for section, rows in (("ranked", table.rows), ("not comparable", table.other_rows),
-                              ("paper only", table.paper_rows)):
-            out += [_csv_row(table, section, row, row.paper) for row in rows]
-    return out
-
-
-def render_csv(tables: Sequence[BenchmarkTable], reproductions: Sequence[Reproduction] = ()) -> str:
-    """The whole ``leaderboard.csv``: a header, then :func:`csv_rows`."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(csv_rows(tables, reproductions))
-    return buffer.getvalue()
-
-
-# -- the command ------------------------------------------------------------------------------------------
-
-@dataclass
-class LeaderboardResult:
-    """What ``metabench leaderboard`` wrote and what it skipped."""
-
-    paths: list[Path]
-    tables: list[BenchmarkTable]
-    problems: list[str]
-    reproductions: list[Reproduction] = field(default_factory=list)
-
-    @property
-    def exit_status(self) -> int:
-        return 1 if self.problems else 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def make_leaderboard(records_dir: str | Path = "results/records", out_dir: str | Path = "results",
-                     paper_results: str | Path = PAPER_RESULTS, readme: str | Path | None = None) -> LeaderboardResult:
-    """Read every record, write ``LEADERBOARD.md``, ``leaderboard.csv`` and ``leaderboard.html``, and with
-    ``readme`` rewrite that file's reproductions block (:func:`metabench.reproductions.replace_block`).
-
-    Bad files are skipped (listed in ``problems`` and on the page); raises :class:`LeaderboardError` when
-    no record is usable at all, or when ``readme`` lacks the block's markers (checked before anything is written).
-    """
-    from metabench.leaderboard_html import render_html
-    from metabench.reproductions import build_reproductions, readme_block, replace_block, summary_markdown
-
-    readme_text = None
-    if readme is not None:  # its markers are checked before anything is read or written
-        readme_text = _readme_text(Path(readme))
-        replace_block(readme_text, "", str(readme))
-    loaded = load_records(records_dir)
-    if not loaded.records:
-        detail = f" ({len(loaded.problems)} file(s) skipped)" if loaded.problems else ""
-        raise LeaderboardError(f"no usable run records in {records_dir}{detail}")
-    papers = load_paper_results(paper_results)
-    tables = build_tables(loaded.records, papers)
-    reproductions = build_reproductions(tables, papers)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "LEADERBOARD.md", out / "leaderboard.csv", out / "leaderboard.html"]
-    _write_text(paths[0], render_markdown(tables, loaded.problems, summary_markdown(reproductions)))
-    _write_text(paths[1], render_csv(tables, reproductions))
-    _write_text(paths[2], render_html(tables, loaded.problems, reproductions))
-    if readme is not None and readme_text is not None:
-        link = Path(os.path.relpath(paths[0], Path(readme).parent)).as_posix()
-        _write_text(Path(readme), replace_block(readme_text, readme_block(reproductions, link), str(readme)))
-        paths.append(Path(readme))
-    return LeaderboardResult(paths=paths, tables=tables, problems=loaded.problems, reproductions=reproductions)
-
-
-def _readme_text(path: Path) -> str:
-    if not path.is_file():
-        raise LeaderboardError(f"README {path} does not exist (its reproductions block cannot be written)")
-    return path.read_text(encoding="utf-8")

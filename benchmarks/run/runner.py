@@ -6,7 +6,7 @@ their digest, identical for every algorithm and seed.
 
 Processes: ``trainer.strategy: ddp`` with ``trainer.devices`` x ``trainer.num_nodes`` processes runs Lightning's
 DDP launch (its own processes, or those of torchrun / SLURM, which Lightning detects) with :class:`MetaDDP`.
-Every process runs this whole file's flow on its share of the work (``benchmarks/distributed.py``); only rank 0
+Every process runs this whole file's flow on its share of the work (``benchmarks/core/distributed.py``); only rank 0
 writes the record, checkpoints (Lightning) and logs.
 """
 
@@ -34,23 +34,32 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
-from metabench.atomic import atomic_write_bytes
-from metabench.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
-from metabench.config import TRAIN_SHAPE, ConfigError, RunConfig, flatten_config, training_shape
+from metabench.core.atomic import atomic_write_bytes
+from metabench.core.distributed import check_world
+from metabench.core.stats import mean_ci95
 from metabench.datasets.base import ImageSplit
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.datasets.episodes import EpisodeSpec
 from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_dataset
 from metabench.datasets.supervised import SupervisedDataModule
-from metabench.distributed import check_world
 from metabench.models.algorithms import MetaLearner
 from metabench.models.backbones import build_backbone
 from metabench.models.learners import algorithm_names, build_algorithm, learner_class
 from metabench.models.problems import Classification, Segmentation
-from metabench.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
-from metabench.records import Record, git_commit, versions, write_record
-from metabench.stats import mean_ci95
-from metabench.weights import save_run_weights
+from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
+from metabench.run.config import (
+    TEST_KEYS,
+    TEST_PROTOCOL_KEYS,
+    TRAIN_SHAPE,
+    ConfigError,
+    RunConfig,
+    flatten_config,
+    training_shape,
+)
+from metabench.run.provenance import TrainingSessions, protocol_changes, record_provenance, sessions_in_checkpoint
+from metabench.run.records import Record, git_commit, versions, write_record
+from metabench.run.wandb_logging import log_record, make_wandb_logger
+from metabench.run.weights import save_run_weights
 
 
 @dataclass
@@ -301,7 +310,6 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     if logger is not None and config.logger == "wandb":
-        from metabench.wandb_logging import log_record
         log_record(logger, record, path)
     return RunResult(record, path, run_dir)
 
@@ -310,7 +318,7 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
          clock: _Clock, curve: _Curve, progress: bool, start: Path | None,
          sessions: TrainingSessions | None = None) -> tuple[L.Trainer, Any]:
     """Lightning training (from checkpoint ``start`` when given) with checkpoints every ``checkpoint_every`` steps,
-    written atomically with the previous one kept (``benchmarks/checkpoints.py``); ``last.ckpt`` holds the final
+    written atomically with the previous one kept (``benchmarks/run/checkpoints.py``); ``last.ckpt`` holds the final
     step. A lost process of a several-process run ends it with one line (:class:`LostProcessError`)."""
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
@@ -403,17 +411,6 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
     return summary
 
 
-# What ``metabench test`` may change: the test protocol, where things are and the training run's bookkeeping
-# (how often it validated and checkpointed: neither changes the trained weights), never what was trained.
-# Training episode shapes are compared as training used them (``episodes.shots`` when ``train_shots`` is null).
-TEST_PROTOCOL_KEYS = ("episodes.queries", "episodes.shots", "episodes.test_episodes", "episodes.eval_seed",
-                      "episodes.eval_batch", "algorithm.bn_mode", "algorithm.eval_steps", "algorithm.eval_lr",
-                      "algorithm.eval_inner_batch", "algorithm.engine",
-                      "data.root", "data.cache_dir", "data.resident", "trainer.cpu_threads", "trainer.accelerator",
-                      "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.val_every",
-                      "trainer.checkpoint_every", "records_dir", "out_dir", "logger")
-
-
 def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
     """The configuration the run in ``config``'s run folder (under ``benchmark``'s runs, default its own) was
     trained with (its ``config.json``), if saved."""
@@ -439,19 +436,19 @@ def check_test_overrides(trained: RunConfig | dict[str, Any], tested: RunConfig,
                          other_benchmark: bool = False) -> None:
     """Refuse a ``metabench test`` configuration that differs from the trained one outside the test protocol.
 
-    Training episode shapes are compared as training used them (:func:`metabench.config.training_shape`);
+    Training episode shapes are compared as training used them (:func:`metabench.run.config.training_shape`);
     ``algorithm.source`` (a citation) is not compared, nor ``benchmark`` when the run was trained under another
     benchmark on purpose (``--trained-benchmark``: e.g. Reptile's 1-shot and 5-shot cells share one training). A key
     the trained configuration lacks (a run saved before that key existed) counts as its default value.
     """
     before = training_shape(flatten_config(trained if isinstance(trained, dict) else trained.to_dict()))
     defaults = training_shape(flatten_config(RunConfig().to_dict()))
-    ignored = {*TEST_PROTOCOL_KEYS, "algorithm.source", *(("benchmark",) if other_benchmark else ())}
+    ignored = {*TEST_KEYS, *(("benchmark",) if other_benchmark else ())}
     changed = [key for key, value in training_shape(flatten_config(tested.to_dict())).items()
                if before.get(key, defaults.get(key)) != value and key not in ignored]
     if changed:
         raise ConfigError(f"metabench test evaluates a trained run: it may change only the test protocol "
-                          f"({', '.join(TEST_PROTOCOL_KEYS[:8])}) and paths, not {', '.join(changed)}")
+                          f"({', '.join(TEST_PROTOCOL_KEYS)}) and where or how it runs, not {', '.join(changed)}")
 
 
 def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_benchmark: str | None = None,
@@ -462,8 +459,8 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_ben
     The record carries the checkpoint's training steps, training time and validation curve, and
     ``config.resolved.tested_checkpoint``. The random-init baseline is rebuilt from the run's seed (the same
     initialization as the run's own). ``config`` may differ from the training configuration (the run folder's
-    ``config.json``, else ``trained``) only in :data:`TEST_PROTOCOL_KEYS`. Raises ``FileNotFoundError`` without
-    a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
+    ``config.json``, else ``trained``) only in :data:`metabench.run.config.TEST_KEYS`. Raises ``FileNotFoundError``
+    without a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
 
     ``trained_benchmark``: the run was trained under that benchmark (its run folder there): allowed only when its
     training configuration is this one's (e.g. Reptile's Omniglot 5w5s cell from the 5w1s training run, whose
@@ -520,7 +517,6 @@ def _logger(config: RunConfig, run_dir: Path):
         from lightning.pytorch.loggers import CSVLogger
         return CSVLogger(str(run_dir), name="logs")
     if config.logger == "wandb":
-        from metabench.wandb_logging import make_wandb_logger
         return make_wandb_logger(config, run_dir)
     raise ValueError(f"unknown logger {config.logger!r}; use none, csv or wandb")
 

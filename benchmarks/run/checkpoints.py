@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from metabench.atomic import atomic_write_bytes
+from metabench.core.atomic import atomic_write_bytes
 
 LAST = "last.ckpt"
 PREVIOUS = "last.prev.ckpt"

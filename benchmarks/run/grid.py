@@ -3,7 +3,7 @@
 
 A grid is run on this machine (:func:`run_grid`: one cell after another or N at a time, each as its own
 ``metabench run`` process, skipping a cell whose record exists and resuming one whose run folder holds a
-checkpoint) or written as a W&B grid Sweep (:mod:`metabench.sweep`) whose agents run the same ``metabench run``
+checkpoint) or written as a W&B grid Sweep (:mod:`metabench.run.sweep`) whose agents run the same ``metabench run``
 arguments on any number of machines. Either way a cell is named on the command line exactly as a W&B agent
 names it (``--benchmark=B --algorithm=A --preset=P --seed=S --algorithm.inner_lr=0.1``), and its configuration
 is resolved by parsing those arguments with ``metabench run``'s own parser (the ``resolve_args`` callable).
@@ -28,9 +28,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metabench.config import ConfigError, RunConfig, flatten_config, preset_algorithms, preset_names
 from metabench.models.learners import learner_class
-from metabench.records import Record, RecordError, read_record
+from metabench.run.config import (
+    EXECUTION_KEYS,
+    ConfigError,
+    RunConfig,
+    flatten_config,
+    preset_algorithms,
+    preset_names,
+)
+from metabench.run.records import Record, RecordError, read_record
+from metabench.run.runner import run_dir_for, world_size
 
 T = TypeVar("T")
 Resolver = Callable[[list[str]], RunConfig]  # `metabench run` arguments -> the configuration that run trains
@@ -48,14 +56,6 @@ RUN_OPTIONS = {"config": "--config", "data_root": "--data-root", "cache_dir": "-
 AXES = ("benchmark", "preset", "algorithm", "seed")
 GRID_FILE_KEYS = (*AXES, "vary", "set", *RUN_OPTIONS)
 
-# Keys that say where or how a run executes, not what it computes: a record or a checkpoint whose configuration
-# differs from a cell's only in these still belongs to the cell (all inner-loop engines give the same gradients;
-# paths, logging, checkpoint cadence, threads, evaluation batching and the number of DDP processes, which gives
-# the single-process gradient and test scores, tests/test_ddp.py, change no result).
-EXECUTION_KEYS = frozenset({"data.root", "data.cache_dir", "data.resident", "out_dir", "records_dir", "logger",
-                            "trainer.accelerator", "trainer.cpu_threads", "trainer.checkpoint_every",
-                            "trainer.log_every", "algorithm.engine", "episodes.eval_batch", "trainer.devices",
-                            "trainer.num_nodes", "trainer.strategy"})
 _MISSING = object()
 
 
@@ -252,8 +252,6 @@ def expand(spec: GridSpec, resolve_args: Resolver) -> Plan:
     benchmark) is skipped with a note; a preset or algorithm that no benchmark of the grid defines, a cell whose
     configuration does not resolve, and two cells sharing a run folder are errors naming them.
     """
-    from metabench.runner import world_size  # torch and Lightning: only once there is a grid to check
-
     combos, notes = _combinations(spec)
     varied = [[(key, value) for value in values] for key, values in spec.vary.items()]
     cells = [Cell(b, p, a, seed, tuple(vary)) for seed in (spec.seeds or [None]) for b, p, a in combos
@@ -290,7 +288,8 @@ def _combinations(spec: GridSpec) -> tuple[list[tuple[str, str, str]], list[str]
             used_presets.add(preset)
             defined = preset_algorithms(benchmark, preset)
             for algorithm in spec.algorithms or defined:
-                if algorithm not in defined:
+                # A learner that declares a preset_base runs with that learner's section (run.config.resolve).
+                if algorithm not in defined and learner_class(algorithm).preset_base not in defined:
                     notes.append(f"{benchmark}/{preset}: no {algorithm!r} (the preset defines {', '.join(defined)})")
                     continue
                 used_algorithms.add(algorithm)
@@ -342,8 +341,6 @@ def _check_varied_values(cell: Cell, config: RunConfig) -> None:
 
 
 def _check_run_folders(planned: list[PlannedCell]) -> None:
-    from metabench.runner import run_dir_for
-
     seen: dict[Path, str] = {}
     for item in planned:
         folder = run_dir_for(item.config)
@@ -360,7 +357,8 @@ def _normalized(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_differences(cell: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """The keys of ``cell``'s configuration whose value ``other`` does not share, :data:`EXECUTION_KEYS` aside.
+    """The keys of ``cell``'s configuration whose value ``other`` does not share, those that change nothing a run
+    computes aside (:data:`metabench.run.config.EXECUTION_KEYS`, by their declared roles).
 
     A key ``other`` lacks (written before the key existed) counts as its default; keys only ``other`` has (e.g. a
     record's ``resolved``) are ignored.
@@ -415,9 +413,7 @@ class CellState:
 def cell_state(item: PlannedCell, index: RecordIndex) -> CellState:
     """Where a cell stands: its record; else the process that holds its run folder's :class:`RunLock`; else its
     run folder's checkpoint (resumable only if the folder's ``config.json`` is the cell's configuration up to
-    :data:`EXECUTION_KEYS`)."""
-    from metabench.runner import run_dir_for
-
+    :data:`metabench.run.config.EXECUTION_KEYS`)."""
     record = index.find(item.config)
     if record is not None:
         return CellState("done", str(record))
@@ -610,8 +606,6 @@ def run_grid(plan: Plan, parallel: int = 1, console: Console | None = None) -> G
     among the processes (at least one each). A cell that exits non-zero, or exits 0 without a matching record,
     is reported as failed; the others still run.
     """
-    from metabench.runner import run_dir_for
-
     if parallel < 1:
         raise GridError(f"--parallel must be >= 1, got {parallel}")
     console = console or terminal()

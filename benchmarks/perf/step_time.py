@@ -27,10 +27,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from metabench.config import preset_algorithms, resolve
-from metabench.records import git_commit
-from metabench.runner import build_module, device_name, pick_device, world_size
-from metabench.speed import StepTimer, fit_for_timing, quiet, stand_in_datamodule
+from metabench.perf.speed import StepTimer, fit_for_timing, quiet, stand_in_datamodule
+from metabench.run.config import preset_algorithms, resolve
+from metabench.run.records import git_commit
+from metabench.run.runner import build_module, device_name, pick_device, world_size
 
 
 def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, warmup: int,

@@ -21,9 +21,18 @@ from typing import Any
 
 import yaml
 
+from metabench.core.registry import RegistryError
+from metabench.core.roles import (
+    EXECUTION,
+    NEVER_COMPUTED,
+    TEST,
+    TEST_MAY_CHANGE,
+    VALIDATION,
+    keys_with_role,
+    role_field,
+)
 from metabench.models.hparams import AlgorithmConfig
 from metabench.models.learners import algorithm_names, learner_class
-from metabench.registry import RegistryError
 
 
 class ConfigError(ValueError):
@@ -32,13 +41,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Which dataset and where: ``options`` go to the dataset's reader (e.g. ``scheme: vinyals``)."""
+    """Which dataset and where: ``options`` go to the dataset's reader (e.g. ``scheme: vinyals``). Each key's role
+    (what it changes: training by default, the test protocol, or nothing computed) is declared on its field
+    (:mod:`metabench.core.roles`)."""
 
     name: str = "synthetic-glyphs"
-    root: str | None = None
-    cache_dir: str | None = None
+    root: str | None = role_field(None, EXECUTION)
+    cache_dir: str | None = role_field(None, EXECUTION)
     options: dict[str, Any] = field(default_factory=dict)
-    resident: bool = True  # gather episodes on the training device (the whole split is small)
+    # gather episodes on the training device (the whole split is small)
+    resident: bool = role_field(True, EXECUTION)
 
 
 @dataclass
@@ -47,15 +59,16 @@ class EpisodeConfig:
     (``train_ways`` only for networks without a classifier head: protonet)."""
 
     ways: int = 5
-    shots: int = 1
-    queries: int = 15
+    # The evaluation shape: training compares by its own shape (train_*: training_shape fills them when null).
+    shots: int = role_field(1, TEST)
+    queries: int = role_field(15, TEST)
     train_shots: int | None = None
     train_queries: int | None = None
     train_ways: int | None = None
     val_episodes: int = 100
-    test_episodes: int = 600
-    eval_seed: int = 0
-    eval_batch: int = 25
+    test_episodes: int = role_field(600, TEST)
+    eval_seed: int = role_field(0, TEST)
+    eval_batch: int = role_field(25, EXECUTION)  # evaluation episodes at a time: the scores do not depend on it
 
 
 @dataclass
@@ -68,20 +81,26 @@ class ModelConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    val_every: int = 250
-    checkpoint_every: int = 100
-    log_every: int = 25
-    accelerator: str = "auto"
+    # Validation: it makes the record's curve, and protonet's early stopping (algorithm.patience counts validations)
+    # keeps the best validated weights, so a grid cell's record must share it; a test of finished weights does not
+    # validate (metabench test keeps the run's curve and records the run's value in resolved.trained).
+    val_every: int = role_field(250, VALIDATION)
+    checkpoint_every: int = role_field(100, EXECUTION)  # how often a checkpoint is written, not what is trained
+    # Lightning's logging and the progress bar only: nothing in the weights, the curve or the record depends on it,
+    # so metabench test may change it too (it used to be refused there, while grids ignored it).
+    log_every: int = role_field(25, EXECUTION)
+    accelerator: str = role_field("auto", EXECUTION)
     seed: int = 0
     max_time_minutes: float | None = None
     # CPU threads for torch (None: torch's default). On a 2-core machine shared with other jobs, OpenMP's
     # spinning threads can slow small convolutions many-fold; 1 thread is the robust choice there.
-    cpu_threads: int | None = None
+    cpu_threads: int | None = role_field(None, EXECUTION)
     # Processes: ``devices`` per node x ``num_nodes``, each with its share of every meta-batch (strategy "ddp",
-    # benchmarks/distributed.py); "auto" is one process. Records do not depend on the number of processes.
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
+    # benchmarks/core/distributed.py); "auto" is one process. Records do not depend on the number of processes
+    # (tests/test_ddp.py).
+    devices: int = role_field(1, EXECUTION)
+    num_nodes: int = role_field(1, EXECUTION)
+    strategy: str = role_field("auto", EXECUTION)
 
 
 @dataclass
@@ -95,12 +114,23 @@ class RunConfig:
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: str = "none"  # "none", "csv" or "wandb"
-    out_dir: str = "runs"
-    records_dir: str = "results/records"
+    logger: str = role_field("none", EXECUTION)  # "none", "csv" or "wandb"
+    out_dir: str = role_field("runs", EXECUTION)
+    records_dir: str = role_field("results/records", EXECUTION)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Derived from the roles declared on the fields above and on AlgorithmConfig's (metabench.core.roles), in field order.
+# Keys that change nothing a run computes (execution, citations): a record or checkpoint whose configuration differs
+# from a grid cell's only in these still belongs to the cell, and a command that reproduces a record leaves them out.
+EXECUTION_KEYS = keys_with_role(RunConfig, NEVER_COMPUTED)
+# Keys that ``metabench test`` may change in a trained run's configuration: the test protocol, the run's validation
+# cadence and the keys that change nothing computed; never what was trained.
+TEST_KEYS = keys_with_role(RunConfig, TEST_MAY_CHANGE)
+TEST_PROTOCOL_KEYS = keys_with_role(RunConfig, [TEST])  # the test protocol itself
+VALIDATION_KEYS = keys_with_role(RunConfig, [VALIDATION])  # when training validates: part of the run's command
 
 
 # The training episodes' shape: ``episodes.train_<key>``, or ``episodes.<key>`` where that is null.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from metabench.records import git_commit
+from metabench.run.records import git_commit
 
 DEFAULT_LAYOUTS = ("1x1", "1x2", "2x1")
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metabench.config import TRAIN_SHAPE, RunConfig, build_config
-from metabench.provenance import protocol_changes
-from metabench.records import Record, write_record
-from metabench.runner import _prepare, _test_record, _test_trainer, check_test_overrides, with_training_shape
-from metabench.verify import _pin_engine, recorded_engine, recorded_engine_seconds
-from metabench.weights import read_weights, record_of_weights
+from metabench.run.config import TRAIN_SHAPE, RunConfig, build_config
+from metabench.run.provenance import protocol_changes
+from metabench.run.records import Record, write_record
+from metabench.run.runner import _prepare, _test_record, _test_trainer, check_test_overrides, with_training_shape
+from metabench.run.verify import _pin_engine, recorded_engine, recorded_engine_seconds
+from metabench.run.weights import read_weights, record_of_weights
 
 
 @dataclass

@@ -3,8 +3,8 @@
 # train, resumable across calls, evaluate on the fixed test episodes, write the record where it comes back.
 #
 # Usage, from the repository root:
-#   bash benchmarks/device/reproduce.sh BENCHMARK ALGORITHM [extra `metabench run` arguments...]
-#   e.g.  bash benchmarks/device/reproduce.sh omniglot-5w1s maml
+#   bash scripts/device/reproduce.sh BENCHMARK ALGORITHM [extra `metabench run` arguments...]
+#   e.g.  bash scripts/device/reproduce.sh omniglot-5w1s maml
 #
 # Environment (all optional):
 #   DATA_DIR       folder holding the dataset folders (default: .data, i.e. .data/omniglot/images_*.zip).
@@ -32,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 if [[ $# -lt 2 ]]; then
-    echo "usage: bash benchmarks/device/reproduce.sh BENCHMARK ALGORITHM [metabench run arguments...]" >&2
+    echo "usage: bash scripts/device/reproduce.sh BENCHMARK ALGORITHM [metabench run arguments...]" >&2
     exit 2
 fi
 BENCHMARK=$1 ALGORITHM=$2

@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from metabench.atomic import atomic_write_bytes
-from metabench.records import Record, read_record, record_path
+from metabench.core.atomic import atomic_write_bytes
+from metabench.run.records import Record, read_record, record_path
 
 WEIGHTS_FILE = "weights.safetensors"  # in the run folder, next to checkpoints/
 FORMAT = "metabench-weights-1"  # the file's metadata "format": what the digest below means

@@ -2,7 +2,7 @@
 # Install learn2learn 0.2.0 (the last release) into a Python environment, as an OPTIONAL baseline and
 # correctness oracle for metabench's tests (tests/test_learn2learn_parity.py). metabench never imports it.
 #
-# Usage: benchmarks/install_learn2learn.sh [PIP]
+# Usage: scripts/install_learn2learn.sh [PIP]
 #   PIP     the pip executable of the target environment (e.g. /work/venv/bin/pip); its interpreter is read
 #           from its shebang (or a `python` beside it). Default: `python -m pip` of the current environment.
 #   PYTHON  (env var) overrides the interpreter used for the checks and for cythonizing.

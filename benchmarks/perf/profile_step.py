@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from metabench.core.allocator import retain_freed_memory
 from metabench.models.inner_loop import InnerConfig, _inner_update, meta_loss, with_frozen
-from metabench.runner import build_module
+from metabench.perf.speed import speed_config, stand_in_datamodule
+from metabench.run.runner import build_module
 
 PHASES = ("support forward", "inner backward", "query forward", "outer backward")
 
@@ -109,8 +111,6 @@ def profile_phases(benchmark: str, algorithm: str, steps: int = 5, warmup: int =
     """Profile ``steps`` decomposed meta-steps (after ``warmup``) of ``algorithm`` on ``benchmark``'s paper preset,
     interleaved with the real step. Returns per phase its median ms and the ``top`` operators by self time per step
     (ms, calls per step), the median of the decomposed and of the real step, and the shapes profiled."""
-    from metabench.speed import speed_config, stand_in_datamodule
-
     config = speed_config(benchmark, algorithm, "batched", tiny=tiny)
     device = torch.device("cpu")
     datamodule = stand_in_datamodule(config, device)
@@ -167,8 +167,6 @@ def format_profile(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.retain_memory:
-        from metabench.allocator import retain_freed_memory
-
         retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from metabench.records import Record
+from metabench.run.records import Record
 
 
 def comparison_table(records: Sequence[Record]) -> Table:

@@ -20,8 +20,7 @@ from typing import Any
 
 import yaml
 
-from metabench.config import ConfigError, flatten_config, list_benchmarks, resolve
-from metabench.leaderboard import (
+from metabench.report.leaderboard import (
     BELOW,
     OVERLAP,
     REPRODUCED,
@@ -34,6 +33,15 @@ from metabench.leaderboard import (
     ours_text,
     published_text,
 )
+from metabench.run.config import (
+    EXECUTION_KEYS,
+    TEST_KEYS,
+    VALIDATION_KEYS,
+    ConfigError,
+    flatten_config,
+    list_benchmarks,
+    resolve,
+)
 
 NOT_RUN, NEEDS_GPU, CONTEXT = "not run yet", "needs a GPU", "context only"
 STATES = (REPRODUCED, OVERLAP, BELOW, NOT_RUN, NEEDS_GPU, CONTEXT)  # the order of the counts
@@ -45,11 +53,6 @@ CONTEXT_TEXT = ("the paper's test protocol (class split, query images per class)
 
 SUMMARY_HEADINGS = ["table · row", "benchmark", "network", "test protocol", "paper %", "ours % (95% CI)", "seeds",
                     "Δ", "verdict / state"]
-
-# A record's configuration keys that say where or how a run executed, never what it computed (metabench.grid's
-# EXECUTION_KEYS), and its bookkeeping: neither belongs in the command that reproduces it.
-_NOT_IN_COMMANDS = ("algorithm.source",)  # a citation, not a value
-_RUN_BOOKKEEPING = ("trainer.val_every", "trainer.checkpoint_every")  # metabench test need not repeat them
 
 
 @dataclass(frozen=True)
@@ -215,9 +218,9 @@ def record_commands(config: dict[str, Any]) -> list[str]:
     preset, and for a record of ``metabench test`` (``resolved.tested_checkpoint``) the test after it with the test
     protocol's keys. Paths and execution options (data root, devices, threads, engine: no result depends on
     them) are left out; so is the run's validation and checkpoint cadence from the test command, which does not
-    need it."""
-    from metabench.grid import EXECUTION_KEYS  # what a run computes does not depend on these
-
+    need it. Which key goes where follows its declared role (:mod:`metabench.core.roles`): keys that change nothing
+    computed (:data:`EXECUTION_KEYS`: paths, execution, citations) in neither command; the run's validation cadence
+    (:data:`VALIDATION_KEYS`) in the run's only; what a test may change (:data:`TEST_KEYS`) in the test's only."""
     benchmark, algorithm, preset = str(config["benchmark"]), str(config["algorithm"]["name"]), str(config["preset"])
     base = f"--benchmark {benchmark} --algorithm {algorithm} --preset {preset}"
     try:
@@ -226,15 +229,13 @@ def record_commands(config: dict[str, Any]) -> list[str]:
         return [f"metabench run {base}  # the preset no longer resolves: {error}"]
     missing = object()
     differing = {k: v for k, v in flatten_config(_normalized(config)).items()
-                 if not k.startswith("resolved.") and k not in EXECUTION_KEYS and k not in _NOT_IN_COMMANDS
+                 if not k.startswith("resolved.") and k not in EXECUTION_KEYS
                  and wanted.get(k, missing) != v}
     if "tested_checkpoint" not in (config.get("resolved") or {}):
         return [f"metabench run {base}{_arguments(differing)}"]
-    from metabench.runner import TEST_PROTOCOL_KEYS  # what metabench test may change (imports torch: only here)
-
     # The run's cadence is the run's (the test keeps it from the run folder); the rest a test may change is the test's.
-    train = {k: v for k, v in differing.items() if k not in TEST_PROTOCOL_KEYS or k in _RUN_BOOKKEEPING}
-    test = {k: v for k, v in differing.items() if k not in _RUN_BOOKKEEPING}
+    train = {k: v for k, v in differing.items() if k not in TEST_KEYS or k in VALIDATION_KEYS}
+    test = {k: v for k, v in differing.items() if k not in VALIDATION_KEYS}
     return [f"metabench run {base}{_arguments(train)}", f"metabench test {base}{_arguments(test)}"]
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from metabench.config import RunConfig, flatten_config, training_shape
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
-from metabench.weights import module_state, state_sha256
+from metabench.run.config import RunConfig, flatten_config, training_shape
+from metabench.run.weights import module_state, state_sha256
 
 ROLES = ("train", "val", "test")
 # Where things are: never part of what a test changed about the training protocol.

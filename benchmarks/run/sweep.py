@@ -1,5 +1,5 @@
 """A grid as a W&B Sweep: the sweep configuration (method ``grid``) whose agents run the grid's cells, each as
-``metabench run`` with the cell's arguments in the agent's format (see :mod:`metabench.grid`)."""
+``metabench run`` with the cell's arguments in the agent's format (see :mod:`metabench.run.grid`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Any
 
 import yaml
 
-from metabench.config import RunConfig
-from metabench.grid import GridError, GridSpec, Plan, Resolver, expand
+from metabench.datasets.registry import SEGMENTATION, get_dataset
 from metabench.models.learners import algorithm_names
+from metabench.models.problems import Classification, Segmentation
+from metabench.run.config import RunConfig
+from metabench.run.grid import GridError, GridSpec, Plan, Resolver, expand
 
 # The macro the agent replaces by the cell's parameters. W&B's documentation (Sweep configuration options,
 # `command`, the table of command macros) says:
@@ -73,9 +75,6 @@ def sweep_config(spec: GridSpec, plan: Plan, resolve_args: Resolver, *, name: st
 
 
 def _metric_name(config: RunConfig) -> str:
-    from metabench.datasets.registry import SEGMENTATION, get_dataset
-    from metabench.models.problems import Classification, Segmentation
-
     task = get_dataset(config.data.name).task
     return Segmentation.metric_name if task == SEGMENTATION else Classification.metric_name
 

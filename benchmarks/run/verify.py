@@ -21,20 +21,24 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from metabench.config import ConfigError, RunConfig, build_config
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.models.inner_loop import engine_candidates
-from metabench.provenance import data_sha256
-from metabench.records import Record, git_commit, read_record, versions
-from metabench.runner import _Clock, _Curve, _prepare, _random_init_baseline, build_datamodule, device_name
+from metabench.run.config import ConfigError, RunConfig, build_config
+from metabench.run.provenance import data_sha256
+from metabench.run.records import Record, git_commit, read_record, versions
+from metabench.run.runner import _Clock, _Curve, _prepare, _random_init_baseline, build_datamodule, device_name
 
 # What verify may change (``--set``): where the data is and how the steps execute, never what they compute.
 VERIFY_KEYS = ("trainer.cpu_threads", "trainer.accelerator", "data.root", "data.cache_dir", "data.resident",
                "algorithm.engine")
 # The training code: a change elsewhere (CLI, leaderboard, reports) cannot change a trained number.
-TRAINING_CODE = ("models", "datasets", "benchmarks/presets", "benchmarks/runner.py", "benchmarks/config.py",
-                 "benchmarks/distributed.py", "benchmarks/stats.py")
+TRAINING_CODE = ("models", "datasets", "benchmarks/presets", "benchmarks/run/runner.py", "benchmarks/run/config.py",
+                 "benchmarks/core/distributed.py", "benchmarks/core/stats.py")
+# Where training code lived before (records made then name commits that have it there): compared too, so that git
+# pairs a moved file with its old self and a move alone is no change (issue 24's layout: benchmarks/*.py).
+TRAINING_CODE_BEFORE = ("benchmarks/runner.py", "benchmarks/config.py", "benchmarks/distributed.py",
+                        "benchmarks/stats.py")
 VERSION_KEYS = ("python", "torch", "lightning", "metabench")
 EXIT = {"bit-identical": 0, "different": 1, "cannot verify": 3}  # 2: refused (the CLI's status for bad input)
 
@@ -289,15 +293,19 @@ def code_changes(commit: str | None, repo: Path | None = None) -> str | None:
     if commit is None:
         return "code unknown: the record names no git commit"
     base = commit.split("+")[0]
-    cwd = repo or Path(__file__).resolve().parent.parent
+    cwd = repo or Path(__file__).resolve().parents[2]  # the repository: TRAINING_CODE's paths are relative to it
     try:
-        changed = subprocess.run(["git", "diff", "--name-only", base, "--", *TRAINING_CODE], cwd=cwd,
-                                 capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        # -M: a file moved without a change of content (status R100) is no change; a moved and edited one counts,
+        # named by its path here.
+        status = subprocess.run(["git", "diff", "-M", "--name-status", base, "--", *TRAINING_CODE,
+                                 *TRAINING_CODE_BEFORE], cwd=cwd, capture_output=True, text=True, timeout=30,
+                                check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         here = git_commit(cwd)
         return None if here == commit else f"code unknown: commit {base[:10]} is not in this source tree's history"
     if commit.endswith("+dirty"):
         return f"code unknown: the record was made from uncommitted changes on {base[:10]}"
+    changed = [line.split("\t")[-1] for line in status if line.strip() and line.split("\t")[0] != "R100"]
     if not changed:
         return None
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")

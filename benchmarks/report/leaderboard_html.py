@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from metabench.leaderboard import (
+from metabench.report.leaderboard import (
     BELOW,
     DETAILS_SUMMARY,
     METHODS_TEXT,
@@ -29,7 +29,7 @@ from metabench.leaderboard import (
     ours_text,
     published_text,
 )
-from metabench.reproductions import (
+from metabench.report.reproductions import (
     SUMMARY_HEADINGS,
     Reproduction,
     counts_text,

@@ -1,0 +1,2 @@
+"""Performance benchmarks (``metabench bench``): meta-iteration speed, step times, episode throughput, process
+and thread scaling, FLOP counts and the step profiler."""
