@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
 
+from metabench.core.stats import mean_ci95
 from metabench.models.backbones import MLP, Conv4
+from metabench.models.inner_loop import Params
+from metabench.run.records import Record, write_record
 
 if TYPE_CHECKING:
     import lightning as L
@@ -163,3 +168,100 @@ def fit_one_step(module: L.LightningModule, dm: EpisodicDataModule) -> None:
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, inference_mode=False,
               accelerator="cpu").fit(module, datamodule=dm)
+
+
+# -- a plug-in distribution (tests/test_registry.py, tests/test_example_package.py) -----------------------------
+
+
+def write_distribution(site, name: str, entry_points: dict[str, dict[str, str]]) -> None:
+    """An installed distribution's metadata as pip leaves it (``<name>-0.1.dist-info``), entry points included."""
+    dist = site / f"{name}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = []
+    for group, points in entry_points.items():
+        lines += [f"[{group}]", *(f"{key} = {value}" for key, value in points.items()), ""]
+    (dist / "entry_points.txt").write_text("\n".join(lines))
+
+
+# -- the sequential MAML reference (tests/test_inner_loop.py, tests/test_resnet12.py) ----------------------------
+
+
+def reference_maml_grad(model: nn.Module, params: Params, sx, sy, qx, qy, lr: float, steps: int,
+                        first_order: bool) -> Tensor:
+    """Sequential (F)MAML meta-gradient with plain torch.autograd over explicit parameter dicts."""
+    names = list(params)
+    total = torch.zeros((), dtype=DT)
+    for t in range(sx.shape[0]):
+        p = dict(params)
+        if first_order:  # adapt on detached copies; the meta-gradient is the query gradient at the end point
+            p = {k: v.detach().requires_grad_() for k, v in p.items()}
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, p, (sx[t],)), sy[t])
+            grads = torch.autograd.grad(loss, [p[k] for k in names], create_graph=not first_order)
+            p = {k: p[k] - lr * g for k, g in zip(names, grads)}
+            if first_order:
+                p = {k: v.detach().requires_grad_() for k, v in p.items()}
+        query_loss = F.cross_entropy(functional_call(model, p, (qx[t],)), qy[t]) / sx.shape[0]
+        wrt = [p[k] for k in names] if first_order else [params[k] for k in names]
+        total = total + flat(torch.autograd.grad(query_loss, wrt))
+    return total
+
+
+# -- leaderboard fixture records (tests/test_leaderboard*.py) -----------------------------------------------------
+
+DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
+
+
+def make_record(run_id: str, algorithm: str, scores: list[float], *, benchmark: str = "omniglot-5w1s",
+                seed: int = 0, digest: str = DIGEST_A, bn_mode: str = "transductive", preset: str = "paper",
+                metric: str = "accuracy", metrics: dict[str, float] | None = None,
+                curve: list[list[float]] | None = None, steps: int = 1000, train_seconds: float = 60.0,
+                backbone: str = "conv4-omniglot", queries: int = 1, scheme: str | None = "maml") -> Record:
+    """A valid record with hand-chosen scores (mean and CI computed as the runner does). By default on the MAML
+    paper's test protocol (its class split, 1 query per class), so that paper numbers attach."""
+    mean, ci = mean_ci95(scores)
+    config = {"benchmark": benchmark, "preset": preset, "algorithm": {"name": algorithm, "bn_mode": bn_mode},
+              "model": {"backbone": backbone}, "trainer": {"seed": seed}, "episodes": {"queries": queries},
+              "data": {"options": {} if scheme is None else {"scheme": scheme}}}
+    return Record(run_id=run_id, benchmark=benchmark, algorithm=algorithm, preset=preset, config=config, seed=seed,
+                  episode_digest=digest, num_episodes=len(scores), metric=metric, scores=scores, mean=mean, ci95=ci,
+                  training_steps=steps, train_seconds=train_seconds, eval_seconds=4.0 + seed, tasks_per_second=150.0,
+                  device="NVIDIA H100 80GB HBM3", versions={"metabench": "0.1.0"}, git_commit="0" * 40,
+                  created="2026-01-01T00:00:00+00:00", metrics=metrics or {}, curve=curve or [])
+
+
+def score_pattern(base: float, n: int, step: float, period: int, offset: int = 0) -> list[float]:
+    """Deterministic, varied per-episode scores: base + step * ((i + offset) % period)."""
+    return [base + step * ((i + offset) % period) for i in range(n)]
+
+
+def fixture_records() -> list[Record]:
+    n = 40
+    maml0 = score_pattern(0.96, n, 0.01, 5)  # mean 0.98
+    maml1 = score_pattern(0.965, n, 0.01, 5, offset=2)  # mean 0.985
+    # FOMAML: MAML's run-averaged scores minus a small, noisy difference -> not significantly worse.
+    avg = [(a + b) / 2 for a, b in zip(maml0, maml1)]
+    fomaml = [x + (0.02 if i % 2 else -0.03) for i, x in enumerate(avg)]  # mean difference 0.005, sd 0.025
+    reptile = [x - 0.03 - 0.005 * (i % 3) for i, x in enumerate(avg)]  # clearly worse everywhere
+    curve = [[100.0, 30.0, 0.70], [500.0, 150.0, 0.90], [1000.0, 300.0, 0.95]]
+    seg_a = score_pattern(0.40, 10, 0.02, 4)
+    seg_b = [x - 0.05 for x in seg_a]
+    return [
+        make_record("r-maml-0", "maml", maml0, seed=0, curve=curve),
+        make_record("r-maml-1", "maml", maml1, seed=1, curve=[[100.0, 35.0, 0.72], [1000.0, 320.0, 0.96]]),
+        make_record("r-fomaml-0", "fomaml", fomaml, train_seconds=30.0),
+        make_record("r-reptile-0", "reptile", reptile, train_seconds=20.0, scheme="reptile"),
+        make_record("r-reptile-b", "reptile", score_pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5,
+                    scheme="reptile"),
+        make_record("r-reptile-nt", "reptile", score_pattern(0.95, n, 0.01, 4), bn_mode="non-transductive",
+                    scheme="reptile"),
+        make_record("r-seg-transfer", "transfer", seg_a, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
+                    metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default", scheme=None),
+        make_record("r-seg-maml", "maml", seg_b, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
+                    metrics={"miou": 0.50}, preset="default", scheme=None),
+    ]
+
+
+def write_fixture(records_dir: Path) -> list[Path]:
+    return [write_record(r, records_dir) for r in fixture_records()]

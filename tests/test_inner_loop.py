@@ -26,7 +26,7 @@ from metabench.models.inner_loop import (
     reptile_update,
     task_outputs,
 )
-from tests.helpers import DT, WAYS, conv4_image, flat, meta_batch, rel_err, seeded_conv4
+from tests.helpers import DT, WAYS, conv4_image, flat, meta_batch, reference_maml_grad, rel_err, seeded_conv4
 from tests.helpers import TASKS as T
 
 ENGINES = ["vmap", "sequential"]
@@ -46,27 +46,6 @@ def conv4() -> tuple[nn.Module, Params, Tensor, Tensor, Tensor, Tensor]:
     sx, sy, qx, qy = meta_batch(WAYS, WAYS * QUERIES, conv4_image(False), seed=gen, support_labels="ordered",
                                 query_labels="ordered")
     return model, dict(model.named_parameters()), sx, sy, qx, qy
-
-
-def reference_maml_grad(model: nn.Module, params: Params, sx, sy, qx, qy, lr: float, steps: int,
-                        first_order: bool) -> Tensor:
-    """Sequential (F)MAML meta-gradient with plain torch.autograd over explicit parameter dicts."""
-    names = list(params)
-    total = torch.zeros((), dtype=DT)
-    for t in range(sx.shape[0]):
-        p = dict(params)
-        if first_order:  # adapt on detached copies; the meta-gradient is the query gradient at the end point
-            p = {k: v.detach().requires_grad_() for k, v in p.items()}
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, p, (sx[t],)), sy[t])
-            grads = torch.autograd.grad(loss, [p[k] for k in names], create_graph=not first_order)
-            p = {k: p[k] - lr * g for k, g in zip(names, grads)}
-            if first_order:
-                p = {k: v.detach().requires_grad_() for k, v in p.items()}
-        query_loss = F.cross_entropy(functional_call(model, p, (qx[t],)), qy[t]) / sx.shape[0]
-        wrt = [p[k] for k in names] if first_order else [params[k] for k in names]
-        total = total + flat(torch.autograd.grad(query_loss, wrt))
-    return total
 
 
 @pytest.mark.parametrize("steps", [1, 5])

@@ -1,16 +1,14 @@
 """The leaderboard: statistics against closed forms, paper numbers, golden Markdown/CSV, bad input, W&B.
 
-Fixture records are built here (``fixture_records``): an Omniglot 5w1s transductive table with a two-seed
-MAML row (aggregation), a FOMAML row tied with it, a clearly worse Reptile row, a Reptile run on other test
-episodes (digest mismatch) and paper-only rows; a non-transductive Reptile table; and a 10-episode
+Fixture records are built in ``tests/helpers.py`` (``fixture_records``): an Omniglot 5w1s transductive table
+with a two-seed MAML row (aggregation), a FOMAML row tied with it, a clearly worse Reptile row, a Reptile run on
+other test episodes (digest mismatch) and paper-only rows; a non-transductive Reptile table; and a 10-episode
 segmentation table (bootstrap path, extra metrics, curves). Set ``METABENCH_UPDATE_GOLDEN=1`` to rewrite
 the golden files after an intended change, and read the diff.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -35,66 +33,10 @@ from metabench.report.leaderboard import (
     verdict,
 )
 from metabench.report.make import make_leaderboard
-from metabench.run.records import SCHEMA_VERSION, Record, write_record
+from metabench.run.records import SCHEMA_VERSION, Record
+from tests.helpers import DIGEST_A, DIGEST_B, fixture_records, make_record, score_pattern, write_fixture
 
 GOLDEN = Path(__file__).parent / "golden"
-DIGEST_A, DIGEST_B, DIGEST_S = "a" * 64, "b" * 64, "5" * 64
-
-
-def make_record(run_id: str, algorithm: str, scores: list[float], *, benchmark: str = "omniglot-5w1s",
-                seed: int = 0, digest: str = DIGEST_A, bn_mode: str = "transductive", preset: str = "paper",
-                metric: str = "accuracy", metrics: dict[str, float] | None = None,
-                curve: list[list[float]] | None = None, steps: int = 1000, train_seconds: float = 60.0,
-                backbone: str = "conv4-omniglot", queries: int = 1, scheme: str | None = "maml") -> Record:
-    """A valid record with hand-chosen scores (mean and CI computed as the runner does). By default on the MAML
-    paper's test protocol (its class split, 1 query per class), so that paper numbers attach."""
-    mean, ci = mean_ci95(scores)
-    config = {"benchmark": benchmark, "preset": preset, "algorithm": {"name": algorithm, "bn_mode": bn_mode},
-              "model": {"backbone": backbone}, "trainer": {"seed": seed}, "episodes": {"queries": queries},
-              "data": {"options": {} if scheme is None else {"scheme": scheme}}}
-    return Record(run_id=run_id, benchmark=benchmark, algorithm=algorithm, preset=preset, config=config, seed=seed,
-                  episode_digest=digest, num_episodes=len(scores), metric=metric, scores=scores, mean=mean, ci95=ci,
-                  training_steps=steps, train_seconds=train_seconds, eval_seconds=4.0 + seed, tasks_per_second=150.0,
-                  device="NVIDIA H100 80GB HBM3", versions={"metabench": "0.1.0"}, git_commit="0" * 40,
-                  created="2026-01-01T00:00:00+00:00", metrics=metrics or {}, curve=curve or [])
-
-
-def _pattern(base: float, n: int, step: float, period: int, offset: int = 0) -> list[float]:
-    """Deterministic, varied per-episode scores: base + step * ((i + offset) % period)."""
-    return [base + step * ((i + offset) % period) for i in range(n)]
-
-
-def fixture_records() -> list[Record]:
-    n = 40
-    maml0 = _pattern(0.96, n, 0.01, 5)  # mean 0.98
-    maml1 = _pattern(0.965, n, 0.01, 5, offset=2)  # mean 0.985
-    # FOMAML: MAML's run-averaged scores minus a small, noisy difference -> not significantly worse.
-    avg = [(a + b) / 2 for a, b in zip(maml0, maml1)]
-    fomaml = [x + (0.02 if i % 2 else -0.03) for i, x in enumerate(avg)]  # mean difference 0.005, sd 0.025
-    reptile = [x - 0.03 - 0.005 * (i % 3) for i, x in enumerate(avg)]  # clearly worse everywhere
-    curve = [[100.0, 30.0, 0.70], [500.0, 150.0, 0.90], [1000.0, 300.0, 0.95]]
-    seg_a = _pattern(0.40, 10, 0.02, 4)
-    seg_b = [x - 0.05 for x in seg_a]
-    return [
-        make_record("r-maml-0", "maml", maml0, seed=0, curve=curve),
-        make_record("r-maml-1", "maml", maml1, seed=1, curve=[[100.0, 35.0, 0.72], [1000.0, 320.0, 0.96]]),
-        make_record("r-fomaml-0", "fomaml", fomaml, train_seconds=30.0),
-        make_record("r-reptile-0", "reptile", reptile, train_seconds=20.0, scheme="reptile"),
-        make_record("r-reptile-b", "reptile", _pattern(0.95, 20, 0.01, 3), digest=DIGEST_B, seed=5,
-                    scheme="reptile"),
-        make_record("r-reptile-nt", "reptile", _pattern(0.95, n, 0.01, 4), bn_mode="non-transductive",
-                    scheme="reptile"),
-        make_record("r-seg-transfer", "transfer", seg_a, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
-                    metrics={"miou": 0.55, "fb_iou": 0.66}, preset="default", scheme=None),
-        make_record("r-seg-maml", "maml", seg_b, benchmark="fss-1w5s", digest=DIGEST_S, metric="fg_iou",
-                    metrics={"miou": 0.50}, preset="default", scheme=None),
-    ]
-
-
-def write_fixture(records_dir: Path) -> list[Path]:
-    return [write_record(r, records_dir) for r in fixture_records()]
-
-
 # -- statistics against closed forms ---------------------------------------------------------------------------
 
 def test_aggregate_runs_matches_closed_form() -> None:
@@ -297,7 +239,7 @@ def test_golden_outputs(tmp_path: Path) -> None:
 def test_sections_in_reading_order() -> None:
     """Paper benchmarks first, in the order paper_results.yaml names them (Omniglot, then mini-ImageNet), then
     synthetic (other classification), then segmentation; within a benchmark by batch-norm mode and queries."""
-    scores = _pattern(0.5, 40, 0.01, 5)
+    scores = score_pattern(0.5, 40, 0.01, 5)
     records = [make_record("s", "maml", scores, benchmark="synthetic-5w1s", scheme=None),
                make_record("f", "maml", scores, benchmark="fss-1w5s", metric="fg_iou", scheme=None),
                make_record("m", "maml", scores, benchmark="mini-imagenet-5w1s", scheme=None),
@@ -356,7 +298,7 @@ def _paper_of(record: Record) -> PaperResult | None:
 
 def test_paper_numbers_only_for_the_same_backbone_and_test_protocol() -> None:
     """A published cell judges a row only on its own network family and test protocol."""
-    scores = _pattern(0.9, 40, 0.01, 5)
+    scores = score_pattern(0.9, 40, 0.01, 5)
     conv = _paper_of(make_record("c", "maml", scores))
     mlp = _paper_of(make_record("m", "maml", scores, backbone="mlp-omniglot"))
     assert (conv.backbone, conv.mean, mlp.backbone, mlp.mean) == ("conv4", 98.7, "mlp", 89.7)
@@ -423,50 +365,3 @@ def test_cli_clean_run_exit_zero(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.main(["leaderboard", "--records", str(tmp_path / "records"), "--out", str(tmp_path / "o")]) == 0
     assert capsys.readouterr().out.split() == [str(tmp_path / "o" / n) for n in
                                                ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.html")]
-
-
-# -- W&B, offline ---------------------------------------------------------------------------------------------
-
-def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:  # noqa: F811 (fixture)
-    from metabench.report.leaderboard_csv import CSV_COLUMNS
-    from metabench.report.wandb_leaderboard import log_leaderboard
-    from tests.test_wandb import _assert_no_network_tried, _close_wandb, _items, _of_type, read_transaction_log
-
-    write_fixture(tmp_path / "records")
-    result = make_leaderboard(tmp_path / "records", tmp_path / "out")
-    run_dir = Path(log_leaderboard(result.tables, result.paths[2], save_dir=tmp_path / "wb",
-                                   reproductions=result.reproductions))
-    _close_wandb()
-    (log,) = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
-    records = read_transaction_log(log)
-    (run_info,) = _of_type(records, "run")
-    assert run_info.job_type == "leaderboard" and run_info.project == "metabench"
-
-    # The tables: history entries pointing at the table files wandb wrote, with every CSV row in one of them:
-    # the reproductions summary in "reproductions", the rest in "leaderboard".
-    (row,) = [_items(h.item) for h in _of_type(records, "history")]
-    csv_lines = list(csv.reader(io.StringIO(result.paths[1].read_text())))[1:]
-    summary = json.loads((run_dir / row["reproductions/path"]).read_text())
-    table = json.loads((run_dir / row["leaderboard/path"]).read_text())
-    assert row["reproductions/_type"] == row["leaderboard/_type"] == "table-file"
-    assert summary["columns"] == table["columns"] == CSV_COLUMNS
-    assert summary["data"] + table["data"] == csv_lines  # the CSV, split in two, as text
-    assert len(summary["data"]) == len(result.reproductions) == row["reproductions/nrows"]
-    assert {r[3] for r in summary["data"]} == {"reproduction"} and "reproduction" not in {r[3] for r in table["data"]}
-    (maml,) = [r for r in summary["data"] if r[:2] == ["omniglot-5w1s", "transductive, maml split, 1 query/class"]
-               and r[4] == "maml" and r[5] == "conv4-omniglot"]
-    assert maml[CSV_COLUMNS.index("state")] == OVERLAP
-    key = ["omniglot-5w1s", "transductive, 1 query/class"]
-    ranked = [r[4] for r in table["data"] if r[:2] == key and r[3] == "ranked"]
-    assert ranked == ["maml", "fomaml", "reptile"]
-
-    # The page as an artifact of type "leaderboard", byte for byte.
-    (artifact,) = [a for a in _of_type(records, "artifact") if a.type == "leaderboard"]
-    assert artifact.name == "leaderboard-html"
-    (entry,) = artifact.manifest.contents
-    assert entry.path == "leaderboard.html" and entry.size == result.paths[2].stat().st_size
-    assert Path(entry.local_path).read_bytes() == result.paths[2].read_bytes()
-    _assert_no_network_tried(offline_env, tmp_path)
-
-
-from tests.test_wandb import offline_env  # noqa: E402,F401  (the fixture, shared with the W&B tests)

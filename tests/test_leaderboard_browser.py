@@ -19,7 +19,7 @@ import pytest
 
 from metabench.report.make import make_leaderboard
 from metabench.run.records import write_record
-from tests.test_leaderboard import _pattern, make_record, write_fixture
+from tests.helpers import make_record, score_pattern, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 1400  # the window a new reader opens the page in
@@ -66,7 +66,7 @@ def _fixture_page(root: Path) -> Path:
     """The test fixture plus the shapes that broke the page before: a curve to 18,095 s, a long preset name."""
     write_fixture(root / "records")
     curve = [[2500.0, 700.0, 0.845], [30000.0, 9000.0, 0.965], [60000.0, 18095.0, 0.968]]
-    write_record(make_record("r-long", "maml", _pattern(0.955, 40, 0.01, 5), preset="a-rather-long-preset-name-x",
+    write_record(make_record("r-long", "maml", score_pattern(0.955, 40, 0.01, 5), preset="a-rather-long-preset-name-x",
                              curve=curve), root / "records")
     return make_leaderboard(root / "records", root / "out").paths[2]
 

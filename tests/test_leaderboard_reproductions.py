@@ -37,7 +37,7 @@ from metabench.report.reproductions import (
     record_commands,
     replace_block,
 )
-from tests.test_leaderboard import DIGEST_B, _pattern, fixture_records, make_record, write_fixture
+from tests.helpers import DIGEST_B, fixture_records, make_record, score_pattern, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_cells_without_a_benchmark_are_left_out() -> None:
 def test_a_new_record_turns_not_run_into_a_verdict(tmp_path: Path) -> None:
     """Records of FOMAML and Reptile land later: their cells go from "not run yet" to a verdict by themselves,
     also on a class split and cells that paper_results.yaml names only later (Reptile's own split)."""
-    scores = _pattern(0.46, 40, 0.01, 5)  # mean 48.0 %
+    scores = score_pattern(0.46, 40, 0.01, 5)  # mean 48.0 %
     before = _cell(_summary(fixture_records()), "mini-imagenet-5w1s", "fomaml", "transductive")
     fomaml = make_record("fo-mi", "fomaml", scores, benchmark="mini-imagenet-5w1s", scheme=None,
                          backbone="conv4-miniimagenet")
@@ -105,15 +105,16 @@ def test_a_new_record_turns_not_run_into_a_verdict(tmp_path: Path) -> None:
                           "Nichol, Achiam, Schulman. On First-Order Meta-Learning Algorithms. 2018", "1803.02999v3",
                           "Table 2", "Reptile + Transduction")
     assert _summary([], [reptile], ["omniglot-5w5s"])[0].state == NOT_RUN
-    on_split = make_record("rep", "reptile", _pattern(0.99, 40, 0.01, 2), benchmark="omniglot-5w5s", scheme="reptile")
-    on_maml = make_record("rep-m", "reptile", _pattern(0.99, 40, 0.01, 2), benchmark="omniglot-5w5s", seed=1,
+    on_split = make_record("rep", "reptile", score_pattern(0.99, 40, 0.01, 2), benchmark="omniglot-5w5s",
+                           scheme="reptile")
+    on_maml = make_record("rep-m", "reptile", score_pattern(0.99, 40, 0.01, 2), benchmark="omniglot-5w5s", seed=1,
                           digest=DIGEST_B)  # another class split: other test episodes
     [cell] = _summary([on_split, on_maml], [reptile], ["omniglot-5w5s"])
     assert cell.row.files == ["rep.json"] and cell.state == REPRODUCED  # 99.5 vs 99.48 ± 0.06; maml split: no
 
 
 def test_several_rows_on_one_cell_show_the_most_runs_then_the_lower_mean() -> None:
-    high, low = _pattern(0.99, 40, 0.005, 2), _pattern(0.95, 40, 0.01, 2)
+    high, low = score_pattern(0.99, 40, 0.005, 2), score_pattern(0.95, 40, 0.01, 2)
     records = [make_record("a", "maml", high, preset="p1"), make_record("b", "maml", low, preset="p2"),
                make_record("c", "maml", high, preset="p3", seed=0), make_record("d", "maml", high, preset="p3", seed=1)]
     cell = _cell(_summary(records[:2]), "omniglot-5w1s", "maml", "transductive")

@@ -21,21 +21,10 @@ from metabench.models.inner_loop import InnerConfig, meta_loss, supports_batched
 from metabench.models.learners import algorithm_config, algorithm_names, build_algorithm, learner_class
 from metabench.models.problems import Classification
 from metabench.run.config import ConfigError, resolve
-from tests.helpers import rel_err
+from tests.helpers import rel_err, write_distribution
 
 BUILTIN = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "transfer", "protonet", "baseline",
            "baseline++"]
-
-
-def write_distribution(site, name: str, entry_points: dict[str, dict[str, str]]) -> None:
-    """An installed distribution's metadata as pip leaves it (``<name>-0.1.dist-info``), entry points included."""
-    dist = site / f"{name}-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    lines = []
-    for group, points in entry_points.items():
-        lines += [f"[{group}]", *(f"{key} = {value}" for key, value in points.items()), ""]
-    (dist / "entry_points.txt").write_text("\n".join(lines))
 
 
 # -- the registry itself -------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from metabench.models.resnet12 import METAOPTNET_WIDTHS, TADAM_WIDTHS, ResNet12
 from metabench.run.config import preset_algorithms
 from metabench.run.records import read_record
 from metabench.run.runner import run
-from tests.helpers import DT, WAYS, flat, meta_batch, rel_err, tiny_config
-from tests.test_inner_loop import reference_maml_grad
+from tests.helpers import DT, WAYS, flat, meta_batch, reference_maml_grad, rel_err, tiny_config
 
 
 def trunk_parameters(model: torch.nn.Module) -> int:

@@ -9,7 +9,9 @@ format (32 KiB blocks of ``crc32 | length | type | payload`` chunks); every payl
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -25,10 +27,14 @@ import pytest
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
+from metabench.report.leaderboard import OVERLAP  # noqa: E402
+from metabench.report.leaderboard_csv import CSV_COLUMNS  # noqa: E402
+from metabench.report.make import make_leaderboard  # noqa: E402
+from metabench.report.wandb_leaderboard import log_leaderboard  # noqa: E402
 from metabench.run.records import read_record  # noqa: E402
 from metabench.run.runner import run  # noqa: E402
 from metabench.run.wandb_logging import has_api_key  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.helpers import tiny_config, write_fixture  # noqa: E402
 
 FAKE_KEY = "fake" * 10  # 40 characters: the shape of a real key
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any HTTP attempt by wandb-core fails and is logged
@@ -316,4 +322,45 @@ def test_sweep_run_logs_the_full_configuration_beside_the_sweep_parameters(
     assert logged["algorithm_config"] == expected["algorithm"] and logged["algorithm_config"]["inner_lr"] == 0.2
     assert logged["trainer"] == expected["trainer"] and logged["trainer"]["seed"] == 1
     assert "algorithm" not in logged and "benchmark" not in logged  # the sweep's own, not sent again
+    _assert_no_network_tried(offline_env, tmp_path)
+
+
+# -- the leaderboard logged to W&B, offline --------------------------------------------------------------------
+
+
+def test_wandb_leaderboard_offline(tmp_path: Path, offline_env: list[Any]) -> None:
+    write_fixture(tmp_path / "records")
+    result = make_leaderboard(tmp_path / "records", tmp_path / "out")
+    run_dir = Path(log_leaderboard(result.tables, result.paths[2], save_dir=tmp_path / "wb",
+                                   reproductions=result.reproductions))
+    _close_wandb()
+    (log,) = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    records = read_transaction_log(log)
+    (run_info,) = _of_type(records, "run")
+    assert run_info.job_type == "leaderboard" and run_info.project == "metabench"
+
+    # The tables: history entries pointing at the table files wandb wrote, with every CSV row in one of them:
+    # the reproductions summary in "reproductions", the rest in "leaderboard".
+    (row,) = [_items(h.item) for h in _of_type(records, "history")]
+    csv_lines = list(csv.reader(io.StringIO(result.paths[1].read_text())))[1:]
+    summary = json.loads((run_dir / row["reproductions/path"]).read_text())
+    table = json.loads((run_dir / row["leaderboard/path"]).read_text())
+    assert row["reproductions/_type"] == row["leaderboard/_type"] == "table-file"
+    assert summary["columns"] == table["columns"] == CSV_COLUMNS
+    assert summary["data"] + table["data"] == csv_lines  # the CSV, split in two, as text
+    assert len(summary["data"]) == len(result.reproductions) == row["reproductions/nrows"]
+    assert {r[3] for r in summary["data"]} == {"reproduction"} and "reproduction" not in {r[3] for r in table["data"]}
+    (maml,) = [r for r in summary["data"] if r[:2] == ["omniglot-5w1s", "transductive, maml split, 1 query/class"]
+               and r[4] == "maml" and r[5] == "conv4-omniglot"]
+    assert maml[CSV_COLUMNS.index("state")] == OVERLAP
+    key = ["omniglot-5w1s", "transductive, 1 query/class"]
+    ranked = [r[4] for r in table["data"] if r[:2] == key and r[3] == "ranked"]
+    assert ranked == ["maml", "fomaml", "reptile"]
+
+    # The page as an artifact of type "leaderboard", byte for byte.
+    (artifact,) = [a for a in _of_type(records, "artifact") if a.type == "leaderboard"]
+    assert artifact.name == "leaderboard-html"
+    (entry,) = artifact.manifest.contents
+    assert entry.path == "leaderboard.html" and entry.size == result.paths[2].stat().st_size
+    assert Path(entry.local_path).read_bytes() == result.paths[2].read_bytes()
     _assert_no_network_tried(offline_env, tmp_path)
