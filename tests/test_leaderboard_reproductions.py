@@ -167,6 +167,14 @@ def test_record_commands() -> None:
         "--set trainer.val_every=2500",
         "metabench test --benchmark omniglot-5w1s --algorithm maml --preset paper --set algorithm.inner_lr=0.1 "
         "--set episodes.queries=1"]
+    # A test record as metabench test writes it now: the training shape spelled out (train_shots 1 where the preset
+    # says null: no override), the run's own values of what the test changed in resolved.trained (its cadence).
+    spelled = _config(**{"episodes.queries": 1, "episodes.train_shots": 1, "episodes.train_ways": 5})
+    spelled["resolved"] = {"tested_checkpoint": {"path": "/runs/last.ckpt", "step": 60000},
+                           "trained": {"episodes.queries": 15, "trainer.val_every": 2500}}
+    assert record_commands(spelled) == [
+        "metabench run --benchmark omniglot-5w1s --algorithm maml --preset paper --set trainer.val_every=2500",
+        "metabench test --benchmark omniglot-5w1s --algorithm maml --preset paper --set episodes.queries=1"]
     # A string that YAML would read as another type stays a string; a preset that no longer resolves is said.
     odd = _config()
     odd["model"]["backbone"] = "1"

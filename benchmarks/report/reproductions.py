@@ -36,11 +36,13 @@ from metabench.report.leaderboard import (
 from metabench.run.config import (
     EXECUTION_KEYS,
     TEST_KEYS,
+    TRAIN_SHAPE,
     VALIDATION_KEYS,
     ConfigError,
     flatten_config,
     list_benchmarks,
     resolve,
+    training_shape,
 )
 
 NOT_RUN, NEEDS_GPU, CONTEXT = "not run yet", "needs a GPU", "context only"
@@ -227,15 +229,27 @@ def record_commands(config: dict[str, Any]) -> list[str]:
         wanted = flatten_config(_normalized(resolve(benchmark, algorithm, preset).to_dict()))
     except ConfigError as error:  # the preset changed since the record was made: say so, never guess
         return [f"metabench run {base}  # the preset no longer resolves: {error}"]
+    resolved = config.get("resolved") or {}
+    flat = flatten_config(_normalized(config))
+    # A test record keeps the run's values of what the test changed (resolved.trained): the run command is the run's.
+    ran = {**flat, **resolved.get("trained", {})}
+    # Training episode shapes compare by what training used: an explicit train_shots of 1 where the preset says
+    # null (the evaluation's 1) is no override (test records spell the training shape out).
+    shapes = {f"episodes.train_{k}" for k in TRAIN_SHAPE}
+    wanted_shape, ran_shape = training_shape(wanted), training_shape(ran)
     missing = object()
-    differing = {k: v for k, v in flatten_config(_normalized(config)).items()
-                 if not k.startswith("resolved.") and k not in EXECUTION_KEYS
-                 and wanted.get(k, missing) != v}
-    if "tested_checkpoint" not in (config.get("resolved") or {}):
-        return [f"metabench run {base}{_arguments(differing)}"]
-    # The run's cadence is the run's (the test keeps it from the run folder); the rest a test may change is the test's.
-    train = {k: v for k, v in differing.items() if k not in TEST_KEYS or k in VALIDATION_KEYS}
-    test = {k: v for k, v in differing.items() if k not in VALIDATION_KEYS}
+
+    def differing(tree: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in tree.items()
+                if not k.startswith("resolved.") and k not in EXECUTION_KEYS
+                and (ran_shape[k] != wanted_shape[k] if k in shapes else wanted.get(k, missing) != v)}
+
+    if "tested_checkpoint" not in resolved:
+        return [f"metabench run {base}{_arguments(differing(flat))}"]
+    # The run's cadence is the run's; the rest a test may change is the test's (with the training's keys, which
+    # the test resolves again to find the run).
+    train = {k: v for k, v in differing(ran).items() if k not in TEST_KEYS or k in VALIDATION_KEYS}
+    test = {k: v for k, v in differing(flat).items() if k not in VALIDATION_KEYS}
     return [f"metabench run {base}{_arguments(train)}", f"metabench test {base}{_arguments(test)}"]
 
 
