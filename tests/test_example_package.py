@@ -40,25 +40,30 @@ def metabench(env: dict[str, str], *args: str, cwd: Path) -> subprocess.Complete
 
 
 def test_plugin_runs_next_to_maml(plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """BOIL next to MAML on the embedded synthetic glyphs (``metabench run``), and on the plug-in's own benchmark
+    file, dataset and backbone (``metabench grid run``); one leaderboard row each, on each benchmark's episodes."""
     records, runs, board = tmp_path / "records", tmp_path / "runs", tmp_path / "board"
     common = ["--records-dir", str(records), "--out-dir", str(runs), "--accelerator", "cpu", "--max-steps", "20",
               "--test-episodes", "50", "--set", "trainer.cpu_threads=1"]
-    metabench(plugin_env, "run", "--benchmark", str(BENCHMARK), "--algorithm", "maml", "--algorithm", "boil",
-              "--quiet", *common, cwd=tmp_path)
-    metabench(plugin_env, "grid", "run", "--benchmark", str(BENCHMARK), "--algorithm", "boil", "--seed", "1", *common,
-              cwd=tmp_path)
+    both = ["--algorithm", "maml", "--algorithm", "boil"]
+    small = ["--set", "data.options.num_classes=40", "--set", "episodes.val_episodes=10",  # seconds, not minutes
+             "--set", "model.options.hidden=8", "--set", "algorithm.engine=batched"]
+    metabench(plugin_env, "run", "--benchmark", "synthetic-5w1s", *both, *small, "--quiet", *common, cwd=tmp_path)
+    metabench(plugin_env, "grid", "run", "--benchmark", str(BENCHMARK), *both, *common, cwd=tmp_path)
     made = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
-    assert sorted((r["algorithm"], r["seed"]) for r in made) == [("boil", 0), ("boil", 1), ("maml", 0)]
-    assert {r["benchmark"] for r in made} == {"blocks-5w1s"}
-    assert len({r["episode_digest"] for r in made}) == 1  # the same fixed test episodes for every learner
-    boil = next(r for r in made if r["algorithm"] == "boil" and r["seed"] == 0)
+    assert sorted((r["benchmark"], r["algorithm"]) for r in made) == [
+        ("blocks-5w1s", "boil"), ("blocks-5w1s", "maml"), ("synthetic-5w1s", "boil"), ("synthetic-5w1s", "maml")]
+    for benchmark in ("blocks-5w1s", "synthetic-5w1s"):  # the same fixed test episodes for both learners
+        assert len({r["episode_digest"] for r in made if r["benchmark"] == benchmark}) == 1
+    boil = next(r for r in made if r["algorithm"] == "boil" and r["benchmark"] == "blocks-5w1s")
     assert boil["config"]["algorithm"]["head"] == "head"  # the plug-in's own config field, recorded
     assert boil["config"]["model"]["backbone"] == "conv3" and boil["config"]["data"]["name"] == "blocks"
     metabench(plugin_env, "leaderboard", "--records", str(records), "--out", str(board), "--no-readme", cwd=tmp_path)
     table = (board / "LEADERBOARD.md").read_text()
-    section = table.split("\n## blocks-5w1s", 1)[1].split("\n## ", 1)[0]  # the benchmark's own table
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
-    assert {row.split("|")[1].strip(" *") for row in rows} >= {"boil", "maml"}, section
+    for benchmark in ("blocks-5w1s", "synthetic-5w1s"):
+        section = table.split(f"\n## {benchmark}", 1)[1].split("\n## ", 1)[0]  # the benchmark's own table
+        rows = [line for line in section.splitlines() if line.startswith("| ")]
+        assert {row.split("|")[1].strip(" *") for row in rows} >= {"boil", "maml"}, section
 
 
 def test_boil_freezes_the_head_in_the_inner_loop(monkeypatch) -> None:
