@@ -38,10 +38,10 @@ def _algorithm(name: str) -> str:
 def _meta_learner(name: str) -> str:
     """``bench speed --algorithm``: a learner that meta-trains through the inner loop (the engines are its)."""
     # lazy: as in _algorithm
-    from metabench.models.learners import algorithm_names, learner_class
+    from metabench.models.learners import algorithms_that, learner_class
 
     if not learner_class(_algorithm(name)).capabilities.inner_loop:
-        known = [n for n in algorithm_names() if learner_class(n).capabilities.inner_loop]
+        known = algorithms_that("inner_loop")
         raise argparse.ArgumentTypeError(f"{name} has no inner loop to time; choose from {', '.join(known)}")
     return name
 

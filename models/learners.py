@@ -25,6 +25,12 @@ def algorithm_names() -> list[str]:
     return LEARNERS.names()
 
 
+def algorithms_that(capability: str) -> list[str]:
+    """The learners (in :func:`algorithm_names` order) whose ``capabilities.<capability>`` is true, e.g.
+    ``algorithms_that("ddp_exact")``."""
+    return [name for name in algorithm_names() if getattr(learner_class(name).capabilities, capability)]
+
+
 def learner_class(name: str) -> type[MetaLearner]:
     """The class of learner ``name``: a registered name, an entry point, or a ``package.module:Class`` reference
     (``RegistryError``, a ``ValueError``, listing the known names otherwise)."""

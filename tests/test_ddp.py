@@ -24,13 +24,13 @@ import torch.multiprocessing as mp
 
 from metabench.core.distributed import broadcast_object, gather_in_order, round_robin, task_slice
 from metabench.datasets.episodes import MetaBatch
-from metabench.models.learners import algorithm_names, learner_class
+from metabench.models.learners import algorithms_that
 from metabench.run.config import ConfigError
 from metabench.run.records import read_record
 from metabench.run.runner import _prepare, run, world_size
 from tests.helpers import TINY_RUN, first_meta_batch, rel_err, set_flags, tiny_config
 
-ALGORITHMS = [name for name in algorithm_names() if learner_class(name).capabilities.ddp_exact]
+ALGORITHMS = algorithms_that("ddp_exact")
 pytestmark = [  # the float64 step below calls training_step without a Trainer (no logger, a stand-in optimizer)
     pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"),
     pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before"),

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from metabench.datasets.omniglot import DRAWINGS
-from metabench.models.learners import algorithm_names, learner_class
+from metabench.models.learners import algorithm_names, algorithms_that, learner_class
 from metabench.run.config import (
     AlgorithmConfig,
     ConfigError,
@@ -27,7 +27,7 @@ MAML_ARXIV, REPTILE_ARXIV = "1703.03400", "1803.02999"
 ANIL_ARXIV, METASGD_ARXIV = "1909.09157", "1707.09835"
 META_LEARNERS = ("maml", "fomaml", "reptile")  # every benchmark defines these; "transfer" only 1-way segmentation
 # every classification benchmark defines these too (the segmentation presets do not, yet)
-CLASSIFICATION_ALGORITHMS = [name for name in algorithm_names() if learner_class(name).capabilities.inner_loop]
+CLASSIFICATION_ALGORITHMS = algorithms_that("inner_loop")
 PROTONET_ARXIV, CHEN_ARXIV = "1703.05175", "1904.04232"
 
 

@@ -44,7 +44,7 @@ from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_datase
 from metabench.datasets.supervised import SupervisedDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.models.backbones import build_backbone
-from metabench.models.learners import algorithm_names, build_algorithm, learner_class
+from metabench.models.learners import algorithms_that, build_algorithm, learner_class
 from metabench.models.problems import Classification, Segmentation
 from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
 from metabench.run.config import (
@@ -141,7 +141,7 @@ def world_size(config: RunConfig) -> int:
     if size > 1 and t.strategy != "ddp":
         raise ConfigError(f"{t.devices} devices x {t.num_nodes} nodes need --strategy ddp (trainer.strategy)")
     if size > 1 and not learner_class(config.algorithm.name).capabilities.ddp_exact:
-        exact = [name for name in algorithm_names() if learner_class(name).capabilities.ddp_exact]
+        exact = algorithms_that("ddp_exact")
         raise ConfigError(f"{config.algorithm.name} runs in one process: several processes split a meta-batch by "
                           f"tasks, exact for {', '.join(exact)} only (batch statistics over a whole "
                           "batch, or early stopping on a validation loss, would differ per process)")
@@ -208,7 +208,7 @@ def _network_ways(config: RunConfig, datamodule: EpisodicDataModule) -> int:
     ep, algorithm = config.episodes, config.algorithm
     capabilities = learner_class(algorithm.name).capabilities
     if ep.train_ways not in (None, ep.ways) and not capabilities.way_free:
-        free = [name for name in algorithm_names() if learner_class(name).capabilities.way_free]
+        free = algorithms_that("way_free")
         raise ConfigError(f"episodes.train_ways={ep.train_ways} differs from episodes.ways={ep.ways}: only "
                           f"{', '.join(free)} can train on episodes of other ways (the others' head has one "
                           f"output per way)")
