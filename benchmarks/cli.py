@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from metabench.models.hparams import INNER_ENGINES
+from metabench.models.hparams import BATCHED_ENGINES, INNER_ENGINES
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -611,11 +611,13 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--algorithm", action="append", choices=("maml", "fomaml"), help="repeatable (default maml)")
     p.add_argument("--steps", type=int, default=5, help="profiled meta-steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--engine", action="append", choices=BATCHED_ENGINES, help="repeatable (default batched)")
     p.add_argument("--top", type=int, default=8, help="operators listed per phase")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (hidden 4, meta-batch 2): a smoke test")
-    p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in the process first "
-                   "(metabench.core.allocator)")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed CPU memory in the process first, as training runs do (trainer.retain_memory; "
+                   "metabench.core.allocator); default on")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then profile-<benchmark>.json)")
     p.set_defaults(func=cmd_bench_profile)
 
@@ -637,8 +639,9 @@ def _add_bench_speed(bench: Subparsers) -> None:
                    "back-propagated this many tasks at a time (memory)")
     p.add_argument("--no-isolate", action="store_true",
                    help="all cells in this process (faster; CPU memory numbers then unreliable)")
-    p.add_argument("--retain-memory", action="store_true", help="keep freed CPU memory in each cell's process "
-                   "(glibc mallopt: no page faults on the step's fresh tensors; metabench.core.allocator)")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed CPU memory in each cell's process, as training runs do (trainer.retain_memory; "
+                   "glibc mallopt: no page faults on the step's fresh tensors); default on")
     p.add_argument("--out", help="JSON path (default: $OUT or results/speed, then speed-<cpu|cuda>.json)")
     p.set_defaults(func=cmd_bench_speed)
 

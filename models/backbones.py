@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metabench.core.registry import Registry, RegistryError
+from metabench.models.grouped_conv import grouped_conv2d
 from metabench.models.norm import BatchNorm1d, BatchNorm2d, is_norm, make_norm_per_step
 from metabench.models.resnet12 import resnet12
 from metabench.models.segmentation import conv_seg
@@ -41,6 +42,9 @@ class Backbone(Protocol):
     - ``embed(x) -> [B, D]``: the features the head classifies (ProtoNet, Baseline, Baseline++);
     - ``batched_forward(params, x [T, n, ...]) -> [T, n, ...]``: every task's forward at once with its own
       parameters ``[T, *shape]`` (the inner loop's "batched" engine; without it the engine is not a candidate);
+    - ``fused_batched_forward(params, x)``: the same, with derivatives the backbone computes its own faster way
+      (Conv4: :mod:`metabench.models.grouped_conv`) for the "batched-fused" engine; without it that engine runs
+      ``batched_forward`` and is not a candidate of ``engine: auto``;
     - ``ways``: the number of foreground classes the network was built for (segmentation).
     """
 
@@ -150,26 +154,37 @@ class Conv4(nn.Module):
         Tasks are stacked along channels (``[n, T*C, H, W]``) so each conv is ONE grouped convolution with
         ``groups=T`` and batch norm over dims (0, 2, 3) is exactly per-task batch norm; the head is one ``baddbmm``.
         """
+        return self._batched(params, x, F.conv2d)
+
+    def fused_batched_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """:meth:`batched_forward` with every grouped convolution's derivatives as native whole-group kernels
+        (``models/grouped_conv.py``; the "batched-fused" engine): the same values, first-order gradients bit for
+        bit, second-order ones to rounding."""
+        return self._batched(params, x, grouped_conv2d)
+
+    def _batched(self, params: dict[str, torch.Tensor], x: torch.Tensor, conv: Callable[..., torch.Tensor]
+                 ) -> torch.Tensor:
         tasks, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])
         for i, block in enumerate(self.features):
             if isinstance(block, nn.Sequential):
                 for j, layer in enumerate(block):
-                    h = _batched_layer(layer, f"features.{i}.{j}", params, h, tasks)
+                    h = _batched_layer(layer, f"features.{i}.{j}", params, h, tasks, conv)
             else:
-                h = _batched_layer(block, f"features.{i}", params, h, tasks)
+                h = _batched_layer(block, f"features.{i}", params, h, tasks, conv)
         # h is [n, T, F] after Flatten
         weight, bias = params["head.weight"], params["head.bias"]  # [T, ways, F], [T, ways]
         return torch.baddbmm(bias.unsqueeze(1), h.transpose(0, 1), weight.transpose(1, 2))
 
 
 def _batched_layer(layer: nn.Module, name: str, params: dict[str, torch.Tensor], h: torch.Tensor,
-                   tasks: int) -> torch.Tensor:
-    """One feature layer of :meth:`Conv4.batched_forward` on task-stacked channels ``[n, T*C, H, W]``."""
+                   tasks: int, conv: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """One feature layer of :meth:`Conv4.batched_forward` on task-stacked channels ``[n, T*C, H, W]``; ``conv``:
+    ``F.conv2d`` or :func:`grouped_conv2d` (same signature)."""
     if isinstance(layer, nn.Conv2d):
         weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
-        return F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), layer.stride, layer.padding,
-                        layer.dilation, groups=tasks)
+        return conv(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), layer.stride, layer.padding,
+                    layer.dilation, tasks)
     if isinstance(layer, BatchNorm2d):
         return _batched_norm(layer, name, params, h)
     if isinstance(layer, nn.Flatten):  # [n, T*C, a, b] -> [n, T, C*a*b]: each task's slice flattened as forward does

@@ -27,7 +27,9 @@ class Capabilities:
 
 ANIL_HEAD = "head"  # the parameter-name prefix of every backbone's classifier (Conv4, MLP, ConvSeg)
 BN_MODES = ("transductive", "non-transductive")
-INNER_ENGINES = ("vmap", "sequential", "batched")  # how the inner loop maps over tasks (models/inner_loop.py)
+# how the inner loop maps over tasks (models/inner_loop.py)
+INNER_ENGINES = ("vmap", "sequential", "batched", "batched-fused")
+BATCHED_ENGINES = ("batched", "batched-fused")  # the engines that run the backbone over an explicit task dim
 ENGINES = ("auto", *INNER_ENGINES)  # algorithm.engine: "auto" times INNER_ENGINES' candidates on the first step
 INNER_OPTIMIZERS = ("sgd", "adam")
 # algorithm.inner_state: "per_task" gives every task a fresh inner-optimizer state; "persistent" (Reptile's code) keeps
@@ -106,7 +108,7 @@ class AlgorithmConfig:
     meta_lr: float = 1e-3  # MAML/FOMAML: Adam learning rate; Reptile: outer step size epsilon
     meta_lr_final: float | None = None  # Reptile: epsilon at the last step (linear annealing); None = 0
     bn_mode: str = role_field("transductive", TEST)  # or "non-transductive" (the Reptile paper's protocol)
-    # "vmap", "sequential" or "auto" (chosen per device); every engine computes the same (float noise aside)
+    # one of INNER_ENGINES or "auto" (timed on the first step); every engine computes the same (float noise aside)
     engine: str = role_field("auto", EXECUTION)
     # The MAML code adapts on sum(cross-entropy) / K over the N*K support images, i.e. N x the mean loss:
     # its alpha = 0.4 (5-way) is a step of 2.0 on the mean. Presets set this to N to match the paper exactly.

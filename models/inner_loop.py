@@ -11,6 +11,9 @@ meta-batch with one of three engines:
   one grouped convolution per layer). Tasks are independent, so ONE ``torch.autograd.grad`` of the summed task
   losses w.r.t. the expanded copy gives every task's own inner gradient. Backbones without
   ``batched_forward`` (or a task loss not made by :func:`functional_loss`) silently fall back to "sequential".
+- "batched-fused": "batched" through the backbone's ``fused_batched_forward`` (Conv4: every grouped convolution's
+  derivatives as native whole-group kernels, ``models/grouped_conv.py``): the same values and first-order gradients
+  bit for bit, second-order meta-gradients to rounding. Backbones without it run ``batched_forward``.
 
 With ``first_order=False`` the adapted parameters stay differentiable w.r.t. the incoming ones by ordinary
 outer autograd, so ``meta_loss(...).backward()`` is second-order MAML. Backbones must be buffer-free (see
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metabench.models.hparams import INNER_ENGINES, INNER_OPTIMIZERS
+from metabench.models.hparams import BATCHED_ENGINES, INNER_ENGINES, INNER_OPTIMIZERS
 
 Params = dict[str, Tensor]
 Lrs = Params | Sequence[Params]  # per-entry inner step sizes, or one such dict per inner step (LSLR)
@@ -134,6 +137,16 @@ def supports_batched(model: nn.Module, params: Params | None = None) -> bool:
     if not callable(getattr(model, "batched_forward", None)):
         return False
     return params is None or set(params) <= {name for name, _ in model.named_parameters()}
+
+
+def supports_fused(model: nn.Module) -> bool:
+    """Whether ``model`` has a ``fused_batched_forward`` (what makes "batched-fused" differ from "batched")."""
+    return supports_batched(model) and callable(getattr(model, "fused_batched_forward", None))
+
+
+def batched_forward_of(model: nn.Module, engine: str) -> Callable[[Params, Tensor], Tensor]:
+    """The forward over a task dim that ``engine`` (one of :data:`BATCHED_ENGINES`) runs ``model`` with."""
+    return model.fused_batched_forward if engine == "batched-fused" and supports_fused(model) else model.batched_forward
 
 
 def with_frozen(model: nn.Module, params: Params, tasks: int) -> Params:
@@ -291,8 +304,9 @@ def _batched_ok(task_loss: TaskLoss, params: Params) -> bool:
 
 def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Tensor, config: InnerConfig,
                   lrs: Lrs | None = None, step_params: Params | None = None,
-                  trajectory: bool = False, state: InnerState | None = None) -> Params | list[Params]:
-    """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engine).
+                  trajectory: bool = False, state: InnerState | None = None, engine: str = "batched"
+                  ) -> Params | list[Params]:
+    """``adapt`` for all ``T`` tasks at once with an explicit task dim (the "batched" engines; ``engine`` says which).
 
     ``params`` (and ``lrs``, ``step_params``, ``state``: every task starts from it) are shared ``[*shape]``; returns
     ``[T, *shape]`` (or, with ``trajectory``, the list of them after each step). Each step runs ``batched_forward``
@@ -301,6 +315,7 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
     computation, so the gradient w.r.t. task ``t``'s slice is task ``t``'s own inner gradient.
     """
     model, loss = task_loss.model, task_loss.loss
+    forward = batched_forward_of(model, engine)
     tasks = xs.shape[0]
     per_task_loss = vmap(loss)
     # Second order only where the outer graph can use it; otherwise inner gradients are constants (as in
@@ -321,7 +336,7 @@ def adapt_batched(params: Params, task_loss: FunctionalLoss, xs: Tensor, ys: Ten
             leaves = {k: p.detach().requires_grad_() for k, p in current.items()}
         inputs = with_step_params(leaves, step_params, step)  # leaves alone without per-step parameters
         with torch.enable_grad():
-            total = per_task_loss(model.batched_forward(with_frozen(model, inputs, tasks), xi), yi).sum()
+            total = per_task_loss(forward(with_frozen(model, inputs, tasks), xi), yi).sum()
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=second_order,
                                         allow_unused=True, materialize_grads=True)
         current = _inner_update(current, dict(zip(leaves, grads)), m, v, start.count + step, config,
@@ -369,9 +384,9 @@ def adapt_tasks(params: Params, task_loss: TaskLoss, xs: Tensor, ys: Tensor, con
     if engine == "vmap":
         return vmap(adapt, in_dims=(None, None, 0, 0, None, None, None, None, None))(
             params, task_loss, xs, ys, config, lrs, step_params, trajectory, state)
-    if engine == "batched" and _batched_ok(task_loss, params):
+    if engine in BATCHED_ENGINES and _batched_ok(task_loss, params):
         return adapt_batched(params, task_loss, xs, ys, config, lrs, step_params, trajectory,  # type: ignore[arg-type]
-                             state)
+                             state, engine)
     per_task = [adapt(params, task_loss, x, y, config, lrs, step_params, trajectory, state) for x, y in zip(xs, ys)]
     if trajectory:
         return [{k: torch.stack([p[i][k] for p in per_task]) for k in params} for i in range(config.steps)]
@@ -387,14 +402,14 @@ def task_outputs(model: nn.Module, adapted: Params, xs: Tensor, engine: str = "v
 
     if engine == "vmap":
         return vmap(forward)(adapted, xs)
-    if engine == "batched" and supports_batched(model, adapted):
-        return model.batched_forward(with_frozen(model, adapted, xs.shape[0]), xs)
+    if engine in BATCHED_ENGINES and supports_batched(model, adapted):
+        return batched_forward_of(model, engine)(with_frozen(model, adapted, xs.shape[0]), xs)
     return torch.stack([forward({k: p[t] for k, p in adapted.items()}, x) for t, x in enumerate(xs)])
 
 
 def _query_losses(task_loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, query_y: Tensor,
                   engine: str) -> Tensor:
-    if engine in ("vmap", "batched"):
+    if engine == "vmap" or engine in BATCHED_ENGINES:
         return vmap(task_loss_fn)(outputs, query_y)
     return torch.stack([task_loss_fn(o, y) for o, y in zip(outputs, query_y)])
 
@@ -491,11 +506,13 @@ def default_engine(device: torch.device | str) -> str:
 def engine_candidates(device: torch.device | str, model: nn.Module | None = None) -> tuple[str, ...]:
     """The engines worth timing on ``device`` for ``model`` (what ``engine: auto`` chooses among).
 
-    CPU: "batched" (when ``model`` has a ``batched_forward``) and "sequential" -- which one wins depends on the
-    protocol. vmap is left out on CPU, where it was slower than sequential on Conv4. CUDA: "vmap" and "batched";
-    the sequential loop is far slower there. The measurements are in docs/performance.md.
+    CPU: "batched-fused" (when ``model`` has a ``fused_batched_forward``), "batched" (when it has a
+    ``batched_forward``) and "sequential" -- which one wins depends on the protocol. vmap is left out on CPU, where
+    it was slower than sequential on Conv4. CUDA: "vmap" and the batched engines; the sequential loop is far slower
+    there. ``model`` None: every engine that some backbone runs. The measurements are in docs/performance.md.
     """
-    batched = ("batched",) if model is None or supports_batched(model) else ()
+    fused = ("batched-fused",) if model is None or supports_fused(model) else ()
+    batched = (*fused, "batched") if model is None or supports_batched(model) else ()
     if torch.device(device).type == "cuda":
         return ("vmap", *batched)
     return (*batched, "sequential")
@@ -557,14 +574,14 @@ def non_transductive_outputs(model: nn.Module, adapted: Params, support_x: Tenso
         batch = torch.cat([support, query.unsqueeze(0)])
         return functional_call(model, params, (batch,))[-1]
 
-    if engine == "batched" and supports_batched(model, adapted):
+    if engine in BATCHED_ENGINES and supports_batched(model, adapted):
         # every (task, query) pair is its own "task": its support set plus that one query, with the task's params
         tasks, m, n = query_x.shape[0], query_x.shape[1], support_x.shape[1]
         batch = torch.cat([support_x.unsqueeze(1).expand(tasks, m, *support_x.shape[1:]), query_x.unsqueeze(2)],
                           dim=2).reshape(tasks * m, n + 1, *query_x.shape[2:])
         repeated = {k: p.unsqueeze(1).expand(tasks, m, *p.shape[1:]).reshape(tasks * m, *p.shape[1:])
                     for k, p in adapted.items()}
-        outputs = model.batched_forward(with_frozen(model, repeated, tasks * m), batch)[:, -1]
+        outputs = batched_forward_of(model, engine)(with_frozen(model, repeated, tasks * m), batch)[:, -1]
         return outputs.reshape(tasks, m, *outputs.shape[1:])
     per_task = vmap(one_query, in_dims=(None, None, 0))  # over the m query examples of one task
     if engine == "vmap":

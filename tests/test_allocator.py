@@ -17,7 +17,14 @@ import json, resource, sys, torch
 import torch.nn.functional as F
 from metabench.core.allocator import retain_freed_memory
 torch.set_num_threads(1)
-accepted = retain_freed_memory() if sys.argv[1] == "retain" else None
+if sys.argv[1].startswith("run:"):  # as a training process sets itself up from its configuration
+    from metabench.run.config import resolve
+    from metabench.run.runner import configure_process
+    overrides = [sys.argv[1][4:]] if len(sys.argv[1]) > 4 else []
+    configure_process(resolve("synthetic-5w1s", "maml", None, overrides=overrides))
+    accepted = None
+else:
+    accepted = retain_freed_memory() if sys.argv[1] == "retain" else None
 x = torch.rand(5, 256, 28, 28, requires_grad=True)
 w = torch.rand(256, 8, 3, 3, requires_grad=True)
 faults = []
@@ -42,3 +49,10 @@ def test_retained_memory_stops_page_faults() -> None:
     # by default glibc hands large blocks back to the kernel (munmap, heap trim): every step faults pages in again
     assert sum(default["faults"]) >= 5000
     assert 5 * sum(retained["faults"]) < sum(default["faults"])  # kept in the heap: (almost) nothing to fault in
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_run_keeps_freed_memory_unless_its_configuration_says_not() -> None:
+    configured, turned_off = _probe("run:"), _probe("run:trainer.retain_memory=false")
+    assert sum(turned_off["faults"]) >= 5000
+    assert 5 * sum(configured["faults"]) < sum(turned_off["faults"])

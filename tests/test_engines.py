@@ -1,6 +1,6 @@
-"""The "batched" engine against the "sequential" reference: float64 parity (<= 1e-10) for every inner-loop
-feature, an fp32 check on a real protocol shape (<= 1e-4 on the meta-gradient), and the fallback for
-backbones without a batched forward."""
+"""The "batched" and "batched-fused" engines against the "sequential" reference: float64 parity (<= 1e-10) for
+every inner-loop feature, an fp32 check on a real protocol shape (<= 1e-4 on the meta-gradient), "batched-fused"
+equal to "batched" bit for bit to first order, and the fallback for backbones without a batched forward."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metabench.models.backbones import Conv4
+from metabench.models.backbones import MLP, Conv4
 from metabench.models.inner_loop import (
+    BATCHED_ENGINES,
     InnerConfig,
     Params,
     adapt_tasks,
@@ -48,15 +49,17 @@ ARCHS = [(False, False), (False, True), (True, False)]  # Omniglot flatten, Omni
 
 @pytest.mark.parametrize("pool,global_pool", ARCHS)
 @pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
-def test_meta_gradient_parity_float64(pool: bool, global_pool: bool, steps: int, first_order: bool) -> None:
+@pytest.mark.parametrize("engine", BATCHED_ENGINES)
+def test_meta_gradient_parity_float64(pool: bool, global_pool: bool, steps: int, first_order: bool,
+                                      engine: str) -> None:
     model, params = make_conv4(pool, global_pool)
     sx, sy, qx, qy = data(model, 5, 4)
     config = InnerConfig(steps=steps, lr=0.3, first_order=first_order)
     results = {}
-    for engine in ("sequential", "batched"):
-        loss, outputs = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)
-        results[engine] = (loss, outputs, torch.autograd.grad(loss, list(params.values())))
-    (l_ref, o_ref, g_ref), (l_b, o_b, g_b) = results["sequential"], results["batched"]
+    for name in ("sequential", engine):
+        loss, outputs = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, name)
+        results[name] = (loss, outputs, torch.autograd.grad(loss, list(params.values())))
+    (l_ref, o_ref, g_ref), (l_b, o_b, g_b) = results["sequential"], results[engine]
     assert abs(float(l_b.detach() - l_ref.detach())) <= 1e-12 * abs(float(l_ref.detach()))
     assert rel_err(o_b, o_ref) <= 1e-10
     assert rel_err(list(g_b), list(g_ref)) <= 1e-10
@@ -78,14 +81,15 @@ def test_second_order_differs_from_first_order() -> None:
 
 
 @pytest.mark.parametrize("first_order", [True, False])
-def test_reptile_adam_per_step_minibatches_parity_float64(first_order: bool) -> None:
+@pytest.mark.parametrize("engine", BATCHED_ENGINES)
+def test_reptile_adam_per_step_minibatches_parity_float64(first_order: bool, engine: str) -> None:
     model, params = make_conv4(False, True)
     steps = 3
     sx, sy, _, _ = data(model, 4, 1, steps=steps)
     config = InnerConfig(steps=steps, lr=0.01, first_order=first_order, optimizer="adam", per_step_batches=True)
     task_loss = functional_loss(model, F.cross_entropy)
     ref = adapt_tasks(params, task_loss, sx, sy, config, "sequential")
-    ours = adapt_tasks(params, task_loss, sx, sy, config, "batched")
+    ours = adapt_tasks(params, task_loss, sx, sy, config, engine)
     # A conv bias right before batch norm has a mathematically zero gradient; Adam normalises its rounding
     # noise (~1e-16 / eps), so those entries only have to stay put in both engines.
     null = [k for k in params if k.startswith("features.") and k.endswith(".0.bias")]
@@ -108,20 +112,21 @@ def test_reptile_adam_per_step_minibatches_parity_float64(first_order: bool) -> 
 
 
 @pytest.mark.parametrize("pool,global_pool", ARCHS)
-def test_evaluation_outputs_parity_float64(pool: bool, global_pool: bool) -> None:
+@pytest.mark.parametrize("engine", BATCHED_ENGINES)
+def test_evaluation_outputs_parity_float64(pool: bool, global_pool: bool, engine: str) -> None:
     model, params = make_conv4(pool, global_pool)
     sx, sy, qx, _ = data(model, 5, 3)
     detached = {k: v.detach() for k, v in params.items()}
     task_loss = functional_loss(model, F.cross_entropy)
     config = InnerConfig(steps=2, lr=0.3, first_order=True)
     adapted = {k: v.detach() for k, v in adapt_tasks(detached, task_loss, sx, sy, config, "sequential").items()}
-    adapted_b = adapt_tasks(detached, task_loss, sx, sy, config, "batched")
+    adapted_b = adapt_tasks(detached, task_loss, sx, sy, config, engine)
     for k in adapted:
         assert rel_err(adapted_b[k], adapted[k]) <= 1e-10
     with torch.no_grad():
         for fn, args in ((task_outputs, (qx,)), (non_transductive_outputs, (sx, qx))):
             ref = fn(model, adapted, *args, engine="sequential")
-            ours = fn(model, adapted, *args, engine="batched")
+            ours = fn(model, adapted, *args, engine=engine)
             assert ours.shape == ref.shape == (T, qx.shape[1], WAYS)
             assert rel_err(ours, ref) <= 1e-10, fn.__name__
 
@@ -135,7 +140,8 @@ def test_zero_steps_returns_stacked_copies() -> None:
         assert torch.equal(out[k][1], p.detach())
 
 
-def test_fp32_parity_on_omniglot_protocol_shape() -> None:
+@pytest.mark.parametrize("engine", BATCHED_ENGINES)
+def test_fp32_parity_on_omniglot_protocol_shape(engine: str) -> None:
     """Real Omniglot 5w1s MAML shape (64 filters, global pool, scaled inner loss 5x, step 0.4), fp32, 4 tasks."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -147,10 +153,35 @@ def test_fp32_parity_on_omniglot_protocol_shape() -> None:
     loss_fn = lambda out, y: F.cross_entropy(out, y) * 5.0  # noqa: E731 - the preset's inner_loss_scale
     config = InnerConfig(steps=1, lr=0.4)
     grads = {}
-    for engine in ("sequential", "batched"):
-        loss, _ = meta_loss(model, params, loss_fn, sx, sy, qx, qy, config, engine)
-        grads[engine] = torch.autograd.grad(loss, list(params.values()))
-    assert rel_err(list(grads["batched"]), list(grads["sequential"])) <= 1e-4
+    for name in ("sequential", engine):
+        loss, _ = meta_loss(model, params, loss_fn, sx, sy, qx, qy, config, name)
+        grads[name] = torch.autograd.grad(loss, list(params.values()))
+    assert rel_err(list(grads[engine]), list(grads["sequential"])) <= 1e-4
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_fused_engine_is_batched_bit_for_bit_to_first_order(pool: bool) -> None:
+    """"batched-fused" changes only how second derivatives are computed: FOMAML's meta-gradient, Reptile's adapted
+    weights, evaluation outputs and the inner gradients' values (the adapted weights of a second-order MAML step)
+    are those of "batched" exactly (fp32, the protocol's 64 filters)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Conv4(3 if pool else 1, 5, 84 if pool else 28, hidden=16, pool=pool)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    size = (3, 84, 84) if pool else (1, 28, 28)
+    sx, qx = torch.rand(4, 5, *size, generator=gen), torch.rand(4, 5, *size, generator=gen)
+    sy = qy = torch.arange(5).repeat(4, 1)
+    task_loss = functional_loss(model, F.cross_entropy)
+    results: dict[str, list[Tensor]] = {}
+    for engine in BATCHED_ENGINES:
+        fomaml, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, InnerConfig(2, 0.4, True), engine)
+        adam = InnerConfig(2, 1e-3, first_order=True, optimizer="adam")
+        reptile = adapt_tasks(params, task_loss, sx, sy, adam, engine)
+        maml = adapt_tasks(params, task_loss, sx, sy, InnerConfig(1, 0.4), engine)
+        results[engine] = [*torch.autograd.grad(fomaml, list(params.values())), *reptile.values(), *maml.values(),
+                           task_outputs(model, maml, qx, engine)]
+    assert all(torch.equal(a, b) for a, b in zip(*results.values()))
 
 
 class _NoBatched(nn.Module):
@@ -189,7 +220,7 @@ def test_default_engine_is_a_known_engine() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (scripts/gpu_check.sh runs it)")
-@pytest.mark.parametrize("engine", ["batched", "vmap"])
+@pytest.mark.parametrize("engine", [*BATCHED_ENGINES, "vmap"])
 def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
     """float64 second-order meta-gradient on CUDA (<= 1e-10 vs the CPU sequential reference)."""
     model, params = make_conv4(False, True)
@@ -206,8 +237,10 @@ def test_cuda_parity_against_cpu_sequential(engine: str) -> None:
 
 def test_engine_candidates_per_device() -> None:
     model, _ = make_conv4(False, True)
-    assert engine_candidates("cpu", model) == ("batched", "sequential")
-    assert engine_candidates("cuda", model) == ("vmap", "batched")
+    assert engine_candidates("cpu", model) == ("batched-fused", "batched", "sequential")
+    assert engine_candidates("cuda", model) == ("vmap", "batched-fused", "batched")
+    # a batched forward without a fused one (the MLP): "batched-fused" would run the same code, so it is no candidate
+    assert engine_candidates("cpu", MLP(1, 5, 28)) == ("batched", "sequential")
     assert engine_candidates("cpu", nn.Linear(2, 2)) == ("sequential",)  # no batched_forward
 
 
@@ -242,7 +275,7 @@ def test_choose_engine_on_a_real_meta_gradient_has_no_side_effects() -> None:
         torch.autograd.grad(loss, list(params.values()))
 
     engine, seconds = choose_engine(run, engine_candidates("cpu", model), "cpu")
-    assert engine in ("batched", "sequential") and set(seconds) == {"batched", "sequential"}
+    assert engine in engine_candidates("cpu", model) and set(seconds) == set(engine_candidates("cpu", model))
     assert all(p.grad is None for p in params.values())
     assert all(torch.equal(before[k], v) for k, v in params.items())
 

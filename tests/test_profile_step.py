@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metabench.cli import main
-from metabench.models.inner_loop import meta_loss
+from metabench.models.inner_loop import InnerConfig, meta_loss
 from metabench.perf.profile_step import PHASES, PhasedStep, profile_phases
 from tests.helpers import meta_batch, seeded_conv4
 
@@ -29,13 +29,12 @@ class _Module(torch.nn.Module):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_phased_step_is_the_inner_loops_meta_gradient(first_order: bool) -> None:
-    from metabench.models.inner_loop import InnerConfig
-
+@pytest.mark.parametrize("engine", ["batched", "batched-fused"])
+def test_phased_step_is_the_inner_loops_meta_gradient(first_order: bool, engine: str) -> None:
     module = _Module(seeded_conv4(6, global_pool=True))
     inputs = meta_batch(5, 4, (1, 28, 28))
     config = InnerConfig(steps=2, lr=0.3, first_order=first_order)
-    step = PhasedStep(module, inputs, config)
+    step = PhasedStep(module, inputs, config, engine)
     timings: dict[str, list[float]] = {p: [] for p in PHASES}
     got = step.phased(timings)
     loss, _ = meta_loss(module.backbone, module.params(), module.inner_loss, *inputs, config, "sequential")
@@ -54,7 +53,10 @@ def test_profile_phases_and_cli(tmp_path) -> None:
         assert sum(op["self_ms"] for op in phase["ops"]) <= phase["self_ms_total"] + 1e-9
     out = tmp_path / "profile.json"
     assert main(["bench", "profile", "--tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
-                 "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["results"][0]["algorithm"] == "maml"
+                 "--engine", "batched", "--engine", "batched-fused", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["algorithm"], r["engine"]) for r in results] == [("maml", "batched"), ("maml", "batched-fused")]
+    with pytest.raises(ValueError, match="batched engines"):
+        PhasedStep(_Module(seeded_conv4(2)), meta_batch(2, 1, (1, 28, 28)), InnerConfig(1, 0.1), "vmap")
     with pytest.raises(ValueError, match="SGD inner loops"):
         profile_phases("omniglot-5w1s", "reptile", steps=1, warmup=0, tiny=True)

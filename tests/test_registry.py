@@ -17,7 +17,7 @@ from metabench.datasets.registry import DATASETS, get_dataset
 from metabench.models.algorithms import LEARNERS, MetaLearner
 from metabench.models.backbones import BACKBONES, Backbone, build_backbone, check_backbone
 from metabench.models.hparams import AlgorithmConfig, Capabilities
-from metabench.models.inner_loop import InnerConfig, meta_loss, supports_batched
+from metabench.models.inner_loop import InnerConfig, meta_loss, supports_batched, supports_fused
 from metabench.models.learners import algorithm_config, algorithm_names, build_algorithm, learner_class
 from metabench.models.problems import Classification
 from metabench.run.config import ConfigError, resolve
@@ -169,7 +169,8 @@ SMALL = {
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_every_backbone_honours_the_contract(name: str) -> None:
     """Buffer-free with a ``head``; float64 meta-gradients (second order, 2 inner steps) of every engine it offers
-    (vmap always, batched where it has ``batched_forward``) equal to the sequential reference to 1e-10."""
+    (vmap always, batched where it has ``batched_forward``, batched-fused where it has ``fused_batched_forward``)
+    equal to the sequential reference to 1e-10."""
     channels, size, options = SMALL.get(name, (1, 28, {}))
     torch.manual_seed(0)
     model = build_backbone(name, channels, 2, size, **options).double()
@@ -182,7 +183,8 @@ def test_every_backbone_honours_the_contract(name: str) -> None:
     sy, qy = (torch.randint(0, 2 if not segmentation else 3, label_shape, generator=generator) for _ in range(2))
     params = dict(model.named_parameters())
     config = InnerConfig(steps=2, lr=0.1, first_order=False)
-    engines = ["sequential", "vmap", *(["batched"] if supports_batched(model) else [])]
+    engines = ["sequential", "vmap", *(["batched"] if supports_batched(model) else []),
+               *(["batched-fused"] if supports_fused(model) else [])]
     grads = {}
     for engine in engines:
         loss, _ = meta_loss(model, params, F.cross_entropy, sx, sy, qx, qy, config, engine)

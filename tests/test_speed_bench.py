@@ -78,8 +78,8 @@ def test_run_speed_flop_count_does_not_depend_on_the_engine() -> None:
     the fraction of the GEMM rate compare across rows and runs."""
     counts = {engine: run_speed(["omniglot-5w1s"], ["fomaml"], [engine], CPU, iterations=1, warmup=0, tiny=True,
                                 isolate=False, threads=1, log=_quiet)[0]["flops"]
-              for engine in ("batched", "sequential")}
-    assert counts["batched"] == counts["sequential"] > 0
+              for engine in ("batched-fused", "batched", "sequential")}
+    assert counts["batched-fused"] == counts["batched"] == counts["sequential"] > 0
 
 
 def test_run_speed_retain_memory_in_the_cells_process() -> None:

@@ -1,9 +1,9 @@
 """Where a batched MAML / FOMAML meta-step spends its time (``metabench bench profile``): the profiler's table by
 operator for each phase.
 
-The phases of one meta-gradient on the "batched" engine, built from the inner loop's own pieces in the order
-``inner_loop.adapt_batched`` / ``meta_loss`` run them (SGD inner steps; the benchmark's preset: meta-batch,
-shots, queries, inner steps, loss scale, backbone):
+The phases of one meta-gradient on a batched engine ("batched" or "batched-fused"), built from the inner loop's
+own pieces in the order ``inner_loop.adapt_batched`` / ``meta_loss`` run them (SGD inner steps; the benchmark's
+preset: meta-batch, shots, queries, inner steps, loss scale, backbone):
 
 - ``support forward``: ``batched_forward`` of every task's support images with its own (expanded) parameters and
   the summed task losses (every inner step);
@@ -33,7 +33,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from metabench.core.allocator import retain_freed_memory
-from metabench.models.inner_loop import InnerConfig, _inner_update, meta_loss, with_frozen
+from metabench.models.inner_loop import (
+    BATCHED_ENGINES,
+    InnerConfig,
+    _inner_update,
+    batched_forward_of,
+    meta_loss,
+    with_frozen,
+)
 from metabench.perf.speed import speed_config, stand_in_datamodule
 from metabench.run.runner import build_module
 
@@ -52,18 +59,23 @@ def _phase_of(event: object) -> str | None:
 class PhasedStep:
     """One batched meta-gradient of ``module`` on fixed inputs, split into :data:`PHASES`."""
 
-    def __init__(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: InnerConfig) -> None:
+    def __init__(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: InnerConfig,
+                 engine: str = "batched") -> None:
         if config.optimizer != "sgd" or not callable(getattr(module.backbone, "batched_forward", None)):
             raise ValueError("bench profile decomposes SGD inner loops on a backbone with batched_forward "
                              f"(MAML, FOMAML); got optimizer {config.optimizer!r} on "
                              f"{type(module.backbone).__name__}")
-        self.module, self.inputs, self.config = module, inputs, config
+        if engine not in BATCHED_ENGINES:
+            raise ValueError(f"bench profile decomposes the batched engines ({', '.join(BATCHED_ENGINES)}), "
+                             f"not {engine!r}")
+        self.module, self.inputs, self.config, self.engine = module, inputs, config, engine
         self.targets = [p for p in module.parameters() if p.requires_grad]
 
     def phased(self, timings: dict[str, list[float]] | None = None) -> tuple[torch.Tensor | None, ...]:
         """The decomposed step; returns the meta-gradient (w.r.t. the module's trainable parameters) and appends
         each phase's wall seconds (summed over inner steps) to ``timings[phase]``."""
         model, loss_fn, config = self.module.backbone, self.module.inner_loss, self.config
+        forward = batched_forward_of(model, self.engine)
         sx, sy, qx, qy = self.inputs
         tasks = sx.shape[0]
         per_task_loss = torch.func.vmap(loss_fn)
@@ -82,14 +94,14 @@ class PhasedStep:
             leaves = current if not config.first_order else {k: p.detach().requires_grad_()
                                                              for k, p in current.items()}
             total = run("support forward", lambda leaves=leaves: per_task_loss(
-                model.batched_forward(with_frozen(model, leaves, tasks), sx), sy).sum())
+                forward(with_frozen(model, leaves, tasks), sx), sy).sum())
             grads = run("inner backward", lambda total=total, leaves=leaves: torch.autograd.grad(
                 total, list(leaves.values()), create_graph=not config.first_order))
             current = _inner_update(current, dict(zip(leaves, grads)), {}, {}, step, config)
 
         def query() -> torch.Tensor:
             adapted = {k: p.contiguous() for k, p in current.items()}
-            return per_task_loss(model.batched_forward(with_frozen(model, adapted, tasks), qx), qy).mean()
+            return per_task_loss(forward(with_frozen(model, adapted, tasks), qx), qy).mean()
 
         meta = run("query forward", query)
         meta_gradient = run("outer backward", lambda: torch.autograd.grad(meta, self.targets, allow_unused=True))
@@ -102,22 +114,22 @@ class PhasedStep:
         """The inner loop's own meta-gradient (``meta_loss`` + ``torch.autograd.grad``) on the same inputs."""
         sx, sy, qx, qy = self.inputs
         loss, _ = meta_loss(self.module.backbone, self.module.params(), self.module.inner_loss, sx, sy, qx, qy,
-                            self.config, "batched")
+                            self.config, self.engine)
         torch.autograd.grad(loss, self.targets, allow_unused=True)
 
 
 def profile_phases(benchmark: str, algorithm: str, steps: int = 5, warmup: int = 2, top: int = 8,
-                   tiny: bool = False) -> dict:
+                   tiny: bool = False, engine: str = "batched") -> dict:
     """Profile ``steps`` decomposed meta-steps (after ``warmup``) of ``algorithm`` on ``benchmark``'s paper preset,
     interleaved with the real step. Returns per phase its median ms and the ``top`` operators by self time per step
     (ms, calls per step), the median of the decomposed and of the real step, and the shapes profiled."""
-    config = speed_config(benchmark, algorithm, "batched", tiny=tiny)
+    config = speed_config(benchmark, algorithm, engine, tiny=tiny)
     device = torch.device("cpu")
     datamodule = stand_in_datamodule(config, device)
     datamodule.setup("fit")
     module = build_module(config, datamodule)
     inputs = module._inputs(next(iter(datamodule.train_dataloader())))
-    step = PhasedStep(module, inputs, module.inner_config(training=True))
+    step = PhasedStep(module, inputs, module.inner_config(training=True), engine)
     for _ in range(warmup):
         step.phased()
         step.real()
@@ -146,7 +158,7 @@ def profile_phases(benchmark: str, algorithm: str, steps: int = 5, warmup: int =
                                  for name, us in ops[:top]],
                          "self_ms_total": sum(us for (p, _), us in self_us.items() if p == phase) / 1000 / steps}
     sx, _, qx, _ = inputs
-    return {"benchmark": benchmark, "algorithm": algorithm, "engine": "batched", "steps": steps, "warmup": warmup,
+    return {"benchmark": benchmark, "algorithm": algorithm, "engine": engine, "steps": steps, "warmup": warmup,
             "support_shape": list(sx.shape), "query_shape": list(qx.shape), "threads": torch.get_num_threads(),
             "real_step_ms": 1000 * statistics.median(real), "decomposed_step_ms": 1000 * statistics.median(decomposed),
             "phases": phases}
@@ -155,8 +167,9 @@ def profile_phases(benchmark: str, algorithm: str, steps: int = 5, warmup: int =
 def format_profile(result: dict) -> str:
     """Markdown: one line per phase (median ms, share), then each phase's top operators."""
     total = sum(p["ms"] for p in result["phases"].values())
-    lines = [f"{result['benchmark']} {result['algorithm']} (batched engine, {result['threads']} thread(s)): real "
-             f"step {result['real_step_ms']:.1f} ms, decomposed {result['decomposed_step_ms']:.1f} ms "
+    lines = [f"{result['benchmark']} {result['algorithm']} ({result['engine']} engine, {result['threads']} "
+             f"thread(s)): real step {result['real_step_ms']:.1f} ms, "
+             f"decomposed {result['decomposed_step_ms']:.1f} ms "
              f"(profiled: profiler overhead included)", "",
              "| phase | ms | share | top operators by self time (ms per step, calls) |", "|---|---|---|---|"]
     for phase, p in result["phases"].items():
@@ -170,8 +183,8 @@ def main(args: argparse.Namespace) -> int:
         retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [profile_phases(args.benchmark, algorithm, args.steps, args.warmup, args.top, args.tiny)
-               for algorithm in args.algorithm or ["maml"]]
+    results = [profile_phases(args.benchmark, algorithm, args.steps, args.warmup, args.top, args.tiny, engine)
+               for algorithm in args.algorithm or ["maml"] for engine in args.engine or ["batched"]]
     for result in results:
         result["retain_memory"] = bool(args.retain_memory)
         print(format_profile(result))

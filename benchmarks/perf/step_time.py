@@ -30,7 +30,7 @@ import torch
 from metabench.perf.speed import StepTimer, fit_for_timing, quiet, stand_in_datamodule
 from metabench.run.config import preset_algorithms, resolve
 from metabench.run.records import git_commit
-from metabench.run.runner import build_module, device_name, pick_device, world_size
+from metabench.run.runner import build_module, configure_process, device_name, pick_device, world_size
 
 
 def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, warmup: int,
@@ -44,8 +44,7 @@ def time_steps(benchmark: str, algorithm: str, preset: str | None, steps: int, w
                      overrides=overrides + ([f"trainer.cpu_threads={threads}"] if threads else []))
     world_size(config)
     device = pick_device(accelerator)
-    if config.trainer.cpu_threads is not None:  # as runner._prepare: threads, seed, data, module
-        torch.set_num_threads(config.trainer.cpu_threads)
+    configure_process(config)  # as runner._prepare: process settings, seed, data, module
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     datamodule = stand_in_datamodule(config, device)
     module = build_module(config, datamodule)

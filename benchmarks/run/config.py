@@ -95,6 +95,9 @@ class TrainerConfig:
     # CPU threads for torch (None: torch's default). On a 2-core machine shared with other jobs, OpenMP's
     # spinning threads can slow small convolutions many-fold; 1 thread is the robust choice there.
     cpu_threads: int | None = role_field(None, EXECUTION)
+    # Keep freed CPU memory in the process (glibc only; metabench.core.allocator): a step's large fresh tensors stop
+    # page-faulting in, zero-filled, every step. Bit for bit the same results; resident memory stays at its peak.
+    retain_memory: bool = role_field(True, EXECUTION)
     # Processes: ``devices`` per node x ``num_nodes``, each with its share of every meta-batch (strategy "ddp",
     # benchmarks/core/distributed.py); "auto" is one process. Records do not depend on the number of processes
     # (tests/test_ddp.py).

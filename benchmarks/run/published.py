@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metabench.run.config import TRAIN_SHAPE, RunConfig, build_config
+from metabench.run.config import EXECUTION_KEYS, TRAIN_SHAPE, VALIDATION_KEYS, RunConfig, build_config
 from metabench.run.provenance import protocol_changes
 from metabench.run.records import Record, write_record
 from metabench.run.runner import _prepare, _test_record, _test_trainer, check_test_overrides, with_training_shape
@@ -73,15 +73,15 @@ def test_weights(weights: str | Path, overrides: dict[str, Any] | None = None, r
 
 
 def _protocol(record: Record) -> dict[str, Any]:
-    """What a record's scores depend on besides the weights: its configuration less paths and execution."""
+    """What a record's scores depend on besides the weights: its configuration less the keys that change nothing
+    computed (paths, execution, citations) and the training run's validation cadence."""
     tree = build_config({k: v for k, v in record.config.items() if k != "resolved"}).to_dict()
-    for key in ("out_dir", "records_dir", "logger"):
-        tree.pop(key)
-    for key in ("root", "cache_dir", "resident"):
-        tree["data"].pop(key)
-    for key in ("devices", "num_nodes", "strategy", "cpu_threads", "accelerator", "val_every", "checkpoint_every",
-                "log_every"):
-        tree["trainer"].pop(key)
+    for dotted in (*EXECUTION_KEYS, *VALIDATION_KEYS):
+        *sections, key = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node.pop(key)
     for key in TRAIN_SHAPE:  # as training used them: metabench test writes the training shape out explicitly
         tree["episodes"][f"train_{key}"] = tree["episodes"][f"train_{key}"] or tree["episodes"][key]
     return tree

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 
+from metabench.core.allocator import retain_freed_memory
 from metabench.core.atomic import atomic_write_bytes
 from metabench.core.distributed import check_world
 from metabench.core.stats import mean_ci95
@@ -258,6 +259,18 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
+def configure_process(config: RunConfig) -> None:
+    """The process-wide settings a configuration asks for: torch's CPU threads (``trainer.cpu_threads``) and
+    keeping freed memory in the process (``trainer.retain_memory``; where there is no glibc it changes nothing)."""
+    threads = config.trainer.cpu_threads
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"trainer.cpu_threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if config.trainer.retain_memory:
+        retain_freed_memory()
+
+
 def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaLearner, dict[str, torch.Tensor]]:
     """Threads, seed, data and the module; also the module's random initialization (for the baseline).
 
@@ -266,10 +279,7 @@ def _prepare(config: RunConfig) -> tuple[torch.device, EpisodicDataModule, MetaL
     quiet_lightning()
     processes = world_size(config)  # a bad strategy / world fails before any data is read
     device = pick_device(config.trainer.accelerator)
-    if config.trainer.cpu_threads is not None:
-        if config.trainer.cpu_threads < 1:
-            raise ValueError(f"trainer.cpu_threads must be >= 1, got {config.trainer.cpu_threads}")
-        torch.set_num_threads(config.trainer.cpu_threads)
+    configure_process(config)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     # Several processes: the images stay on the host until Lightning has given each process its device (the data
     # module's setup moves them there), rather than every process first filling the default GPU.

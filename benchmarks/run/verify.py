@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from metabench.datasets.datamodule import EpisodicDataModule
 from metabench.models.algorithms import MetaLearner
+from metabench.models.hparams import BATCHED_ENGINES
 from metabench.models.inner_loop import engine_candidates
 from metabench.run.config import ConfigError, RunConfig, build_config
 from metabench.run.provenance import data_sha256
@@ -238,8 +239,11 @@ def verify(record_file: str | Path, steps: int | None = None, overrides: dict[st
 
 
 def _noise(config: RunConfig, step: int, engine: str, value: float, device: torch.device) -> tuple[float, str]:
-    """|validation difference| of the same steps on another engine, else on another thread count."""
-    others = [e for e in engine_candidates(device) if e != engine]
+    """|validation difference| of the same steps on another engine, else on another thread count. The other engine
+    is one outside ``engine``'s family where there is one: "batched-fused" and "batched" agree bit for bit to first
+    order, so between them a first-order run would show no noise at all."""
+    family = BATCHED_ENGINES if engine in BATCHED_ENGINES else (engine,)
+    others = sorted((e for e in engine_candidates(device) if e != engine), key=lambda e: e in family)
     if config.algorithm.engine == "auto" and others:
         again, *_ = train_to(config, step, others[0])
         return abs(again - value), f"engine {others[0]} vs {engine}"
