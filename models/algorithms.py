@@ -161,8 +161,8 @@ class MetaLearner(L.LightningModule):
 
     def _resolve_engine(self, probe: Callable[[str], object] | None = None) -> str:
         """The engine to run now. A configured engine is returned as is. For "auto": on the first training step
-        (``probe`` given) every candidate of ``engine_candidates`` is timed once on the real meta-batch by
-        ``probe(engine)`` (side-effect free: meta-gradient discarded, no optimizer step) and the fastest is kept
+        (``probe`` given) every candidate of ``engine_candidates`` is timed (best of two calls) on the real meta-batch
+        by ``probe(engine)`` (side-effect free: meta-gradient discarded, no optimizer step) and the fastest is kept
         for the rest of the run; before that (e.g. Lightning's sanity validation) ``default_engine`` is used
         without fixing the choice. Which engine wins depends on device AND protocol (see docs/performance.md).
         """
@@ -170,7 +170,10 @@ class MetaLearner(L.LightningModule):
             return self.engine
         if probe is None:
             return default_engine(self.device)
-        choice = choose_engine(probe, engine_candidates(self.device, self.backbone), self.device)
+        # The best of two calls per candidate: a candidate's first call pays one-off costs (oneDNN primitives for new
+        # shapes, the allocator's first touch of new block sizes), which biased a single call against whichever engine
+        # was timed first (docs/performance.md, "Engine choice").
+        choice = choose_engine(probe, engine_candidates(self.device, self.backbone), self.device, repeats=2)
         # Several processes: every rank times its own share, rank 0's choice is everyone's (one engine per run).
         self.engine, self.engine_timings = broadcast_object(choice)
         return self.engine
