@@ -76,7 +76,8 @@ class _GroupedConv(torch.autograd.Function):
 
 class _ConvGrads(torch.autograd.Function):
     """The gradients (input, weight, bias; those in ``mask``, in that order) of the convolution for ``grad_out``:
-    autograd's values, differentiable through the native kernels (see the comment above :class:`_GroupedConv`)."""
+    autograd's values, differentiable through the native kernels (the derivatives in the module docstring). With one
+    gradient in ``mask`` it is :func:`_input_grad` or :func:`_weight_grad`, whose own derivatives it also gives."""
 
     @staticmethod
     def forward(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: ConvArgs,
@@ -98,44 +99,16 @@ class _ConvGrads(torch.autograd.Function):
                 [_GroupedConv.apply(x, ggw, None, ctx.conv)] if ggw is not None else []) + (
                 [ggb.view(1, -1, 1, 1).expand_as(grad_out)] if ggb is not None else [])
             d_grad_out = sum(terms[1:], terms[0]) if terms else None
-        d_x = _ConvInputGrad.apply(grad_out, x, ggw, ctx.conv) if needs[1] and ggw is not None else None
-        d_weight = _ConvWeightGrad.apply(grad_out, ggx, weight, ctx.conv) if needs[2] and ggx is not None else None
+        d_x = _input_grad(grad_out, x, ggw, ctx.conv) if needs[1] and ggw is not None else None
+        d_weight = _weight_grad(grad_out, ggx, weight, ctx.conv) if needs[2] and ggx is not None else None
         return d_grad_out, d_x, d_weight, None, None
 
 
-class _ConvInputGrad(torch.autograd.Function):
+def _input_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: ConvArgs) -> torch.Tensor:
     """The input gradient of the convolution for ``grad_out`` and ``weight`` (``x`` only lends its shape)."""
-
-    @staticmethod
-    def forward(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                conv: ConvArgs) -> torch.Tensor:
-        ctx.save_for_backward(grad_out, x, weight)
-        ctx.conv = conv
-        return conv.backward(grad_out, x, weight, [True, False, False])[0]
-
-    @staticmethod
-    def backward(ctx: Any, ggx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_out, x, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        d_grad_out = _GroupedConv.apply(ggx, weight, None, ctx.conv) if needs[0] else None
-        d_weight = _ConvWeightGrad.apply(grad_out, ggx, weight, ctx.conv) if needs[2] else None
-        return d_grad_out, None, d_weight, None
+    return _ConvGrads.apply(grad_out, x, weight, conv, (True, False, False))[0]
 
 
-class _ConvWeightGrad(torch.autograd.Function):
+def _weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: ConvArgs) -> torch.Tensor:
     """The weight gradient of the convolution for ``grad_out`` and input ``x`` (``weight`` only lends its shape)."""
-
-    @staticmethod
-    def forward(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                conv: ConvArgs) -> torch.Tensor:
-        ctx.save_for_backward(grad_out, x, weight)
-        ctx.conv = conv
-        return conv.backward(grad_out, x, weight, [False, True, False])[1]
-
-    @staticmethod
-    def backward(ctx: Any, ggw: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_out, x, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        d_grad_out = _GroupedConv.apply(x, ggw, None, ctx.conv) if needs[0] else None
-        d_x = _ConvInputGrad.apply(grad_out, x, ggw, ctx.conv) if needs[1] else None
-        return d_grad_out, d_x, None, None
+    return _ConvGrads.apply(grad_out, x, weight, conv, (False, True, False))[0]
