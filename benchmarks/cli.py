@@ -316,8 +316,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     from metabench.run.runner import test_run
 
     if args.weights:
+        if args.baseline_only:
+            raise ValueError("--baseline-only keeps a run folder's baseline; published --weights have none")
         return cmd_test_weights(args)
     algorithms = args.algorithm or preset_algorithms(args.benchmark, args.preset)
+    if args.baseline_only:
+        return _baselines_only(args, algorithms)
     results = []
     for name in algorithms:
         tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))
@@ -325,6 +329,23 @@ def cmd_test(args: argparse.Namespace) -> int:
         results.append(test_run(tested, trained=resolve(args.benchmark, name, args.preset, args.config),
                                 trained_benchmark=args.trained_benchmark))
     print_comparison([r.record for r in results], [r.record_path for r in results])
+    return 0
+
+
+def _baselines_only(args: argparse.Namespace, algorithms: list[str]) -> int:
+    # lazy: this command only (metabench --help stays fast)
+    from metabench.run.config import resolve
+    from metabench.run.runner import baseline_only
+
+    for name in algorithms:
+        tested = resolve(args.benchmark, name, args.preset, args.config, _overrides(args))
+        result = baseline_only(tested, trained_benchmark=args.trained_benchmark)
+        kept = result.provenance
+        how = (f"reused (evaluated {kept['created']} at {kept['git_commit']})" if kept["reused"]
+               else f"evaluated in {kept['seconds']:.0f} s")
+        print(f"{tested.benchmark} {name} {tested.preset}: random-init baseline "
+              f"{100 * result.summary['random_init_mean']:.2f} +- {100 * result.summary['random_init_ci95']:.2f} % "
+              f"over {result.num_episodes} episodes, {how}; kept in {kept['file']}")
     return 0
 
 
@@ -340,6 +361,10 @@ def add_test(sub: Subparsers) -> None:
                    "--algorithm, --preset and --config come from the record")
     p.add_argument("--record", metavar="FILE.json", help="with --weights: their record (default: "
                    "../records/<same name>.json beside the weights' folder)")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="evaluate only the random-init column of this test (it needs no trained weights: run it "
+                        "while the run trains) and keep it in the run folder, where this test and the run's own "
+                        "reuse it; writes no record")
     p.set_defaults(func=cmd_test)
 
 

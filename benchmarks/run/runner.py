@@ -47,6 +47,7 @@ from metabench.models.algorithms import MetaLearner
 from metabench.models.backbones import build_backbone
 from metabench.models.learners import algorithms_that, build_algorithm, learner_class
 from metabench.models.problems import Classification, Segmentation
+from metabench.run.baselines import load_baseline, save_baseline
 from metabench.run.checkpoints import LAST, PREVIOUS, KeepPreviousCheckpointIO, lost_process, readable_checkpoint
 from metabench.run.config import (
     TEST_KEYS,
@@ -314,7 +315,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True, write
     resumed = {} if start is None else {"resumed_from": {"checkpoint": start.path.name, "step": start.step}}
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=int(module.global_step),
                           train_seconds=clock.elapsed(), curve=curve.points, resolved=resumed,
-                          sessions=sessions.sessions)
+                          sessions=sessions.sessions, run_dir=run_dir)
     if not trainer.is_global_zero:  # one record per run, whatever the number of processes
         return RunResult(record, Path(), run_dir, primary=False)
     save_run_weights(run_dir, module, record)
@@ -371,28 +372,30 @@ def _fit(config: RunConfig, module: MetaLearner, datamodule: EpisodicDataModule,
 
 def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, datamodule: EpisodicDataModule,
                  device: torch.device, initial: dict[str, torch.Tensor], *, steps: int, train_seconds: float,
-                 curve: list[list[float]], resolved: dict[str, Any], sessions: list[list[int]]) -> Record:
+                 curve: list[list[float]], resolved: dict[str, Any], sessions: list[list[int]],
+                 run_dir: Path | None = None) -> Record:
     """Test ``module`` on the fixed test episodes (with ``trainer``, so its logger sees the test metrics), run
-    the random-init baseline, and build the record of a run trained for ``steps`` in ``train_seconds`` (in
-    ``sessions``: :class:`TrainingSessions`)."""
+    the random-init baseline (kept in ``run_dir`` when given: :func:`baseline_column`), and build the record of a
+    run trained for ``steps`` in ``train_seconds`` (in ``sessions``: :class:`TrainingSessions`)."""
     start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     eval_seconds = time.perf_counter() - start
     scores = module.test_scores.tolist()
     mean, ci = mean_ci95(scores)
     processes = trainer.world_size
+    baseline, kept = baseline_column(config, datamodule, initial, device, run_dir, processes)
     return Record(
         run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
         config={**config.to_dict(), "resolved": {"engine": module.engine, "engine_seconds": module.engine_timings,
-                                                 "processes": processes, **resolved}},
+                                                 "processes": processes, **resolved, **kept}},
         seed=config.trainer.seed, episode_digest=datamodule.digest("test"),
         num_episodes=len(scores), metric=module.problem.metric_name, scores=scores, mean=mean, ci95=ci,
         training_steps=steps, train_seconds=train_seconds, eval_seconds=eval_seconds,
         tasks_per_second=steps * config.algorithm.meta_batch / max(train_seconds, 1e-9),
         device=device_name(device, processes), versions=versions(), git_commit=git_commit(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        baseline=_random_init_baseline(config, datamodule, initial, device),
+        baseline=baseline,
         metrics=dict(module.test_metrics), curve=[list(p) for p in curve],
         **record_provenance(module, datamodule, processes, sessions))
 
@@ -419,6 +422,27 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
     summary = {"random_init_mean": mean, "random_init_ci95": ci}
     summary.update({f"random_init_{k}": v for k, v in baseline.test_metrics.items()})
     return summary
+
+
+def baseline_column(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
+                    device: torch.device, run_dir: Path | None, processes: int = 1
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The random-init baseline of ``config``'s test and what the record says about it (``{"baseline": ...}``).
+
+    With a ``run_dir``, one evaluated for exactly this protocol, these episodes, code, libraries and device is
+    reused from it, and one evaluated here is kept there (``metabench/run/baselines.py``). Several processes
+    evaluate it together without the folder: every process must take the same branch of a collective evaluation.
+    """
+    if run_dir is None or processes > 1:
+        return _random_init_baseline(config, datamodule, initial, device), {}
+    digest, where = datamodule.digest("test"), device_name(device)
+    kept = load_baseline(run_dir, config, digest, where)
+    if kept is not None:
+        return kept.summary, {"baseline": kept.provenance(reused=True)}
+    start = time.perf_counter()
+    summary = _random_init_baseline(config, datamodule, initial, device)
+    kept = save_baseline(run_dir, config, digest, where, summary, time.perf_counter() - start)
+    return summary, {"baseline": kept.provenance(reused=False)}
 
 
 def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
@@ -468,34 +492,17 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_ben
 
     The record carries the checkpoint's training steps, training time and validation curve, and
     ``config.resolved.tested_checkpoint``. The random-init baseline is rebuilt from the run's seed (the same
-    initialization as the run's own). ``config`` may differ from the training configuration (the run folder's
-    ``config.json``, else ``trained``) only in :data:`metabench.run.config.TEST_KEYS`. Raises ``FileNotFoundError``
-    without a checkpoint, ``ConfigError`` for another change and ``ValueError`` when training had not finished.
+    initialization as the run's own), or reused from the run folder (:func:`baseline_column`). ``config`` may differ
+    from the training configuration (the run folder's ``config.json``, else ``trained``) only in
+    :data:`metabench.run.config.TEST_KEYS`. Raises ``FileNotFoundError`` without a checkpoint, ``ConfigError`` for
+    another change and ``ValueError`` when training had not finished.
 
     ``trained_benchmark``: the run was trained under that benchmark (its run folder there): allowed only when its
     training configuration is this one's (e.g. Reptile's Omniglot 5w5s cell from the 5w1s training run, whose
     shots change only the evaluation); the record names it in ``config.resolved.trained_run``.
     """
-    if trained_benchmark == config.benchmark:
-        trained_benchmark = None
-    run_dir = trained_run_dir(config, trained_benchmark)
+    config, run_dir, reference, resolved = _tested_config(config, trained, trained_benchmark, checkpoint=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise FileNotFoundError(f"no trained run to test: {last} does not exist (train it with metabench run "
-                                f"with the same benchmark, algorithm, preset, seed and --out-dir)")
-    reference = trained_config(config, trained_benchmark)
-    if reference is None and trained_benchmark is not None:
-        raise ConfigError(f"{run_dir} has no config.json: a run trained under another benchmark is tested only when "
-                          "its training configuration can be checked")
-    reference = reference or trained
-    resolved: dict[str, Any] = {}
-    if reference is not None:
-        if trained_benchmark is None:  # under another benchmark, its own preset must describe the same training
-            config = with_training_shape(config, reference)
-        check_test_overrides(reference, config, other_benchmark=trained_benchmark is not None)
-    if trained_benchmark is not None:
-        resolved["trained_run"] = {"benchmark": trained_benchmark, "run_dir": run_dir.as_posix(),
-                                   "why": "same training configuration (checked); only the test protocol differs"}
     device, datamodule, module, initial = _prepare(config)
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     step = int(checkpoint.get("global_step", 0))
@@ -514,10 +521,66 @@ def test_run(config: RunConfig, *, trained: RunConfig | None = None, trained_ben
     record = _test_record(config, trainer, module, datamodule, device, initial, steps=step, train_seconds=seconds,
                           curve=points, resolved={"tested_checkpoint": {"path": last.as_posix(), "step": step},
                                                   **resolved, **trained_values},
-                          sessions=sessions_in_checkpoint(checkpoint))
+                          sessions=sessions_in_checkpoint(checkpoint), run_dir=run_dir)
     save_run_weights(run_dir, module, record)
     path = write_record(record, config.records_dir) if write else Path()
     return RunResult(record, path, run_dir)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """``metabench test --baseline-only``: the random-init column of a test protocol, kept in its run folder."""
+
+    summary: dict[str, float]
+    provenance: dict[str, Any]  # as a record's config.resolved.baseline says it
+    num_episodes: int
+
+
+def baseline_only(config: RunConfig, *, trained_benchmark: str | None = None) -> BaselineResult:
+    """Evaluate (or find) the random-init baseline of the test :func:`test_run` would make of ``config``, and keep
+    it in the run folder, where that test (or the run's own, at the end of its training) reuses it.
+
+    The baseline needs no trained weights, so this runs while the run still trains, or before it starts. With the
+    run folder's ``config.json``, ``config`` is checked and completed as :func:`test_run` does it (so that it is
+    kept under the test's key); before the run exists there is nothing to check it against, and the key (the whole
+    protocol) is what makes only the same run or test reuse it.
+    """
+    config, run_dir, _, _ = _tested_config(config, None, trained_benchmark)
+    if world_size(config) > 1:
+        raise ConfigError("--baseline-only evaluates in one process: leave trainer.devices / num_nodes at 1")
+    device, datamodule, _, initial = _prepare(config)
+    summary, kept = baseline_column(config, datamodule, initial, device, run_dir)
+    return BaselineResult(summary, kept["baseline"], datamodule.test_episodes)
+
+
+def _tested_config(config: RunConfig, trained: RunConfig | None, trained_benchmark: str | None, *,
+                   checkpoint: bool = False
+                   ) -> tuple[RunConfig, Path, RunConfig | dict[str, Any] | None, dict[str, Any]]:
+    """``metabench test``'s configuration checked against the trained run's: the configuration as tested (training
+    shape filled in), the run folder, the trained configuration (None if unknown) and what the record's
+    ``config.resolved`` says about a run trained under another benchmark. ``checkpoint``: the run folder must
+    hold ``checkpoints/last.ckpt`` (``FileNotFoundError``, before anything else is checked)."""
+    if trained_benchmark == config.benchmark:
+        trained_benchmark = None
+    run_dir = trained_run_dir(config, trained_benchmark)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint and not last.is_file():
+        raise FileNotFoundError(f"no trained run to test: {last} does not exist (train it with metabench run "
+                                f"with the same benchmark, algorithm, preset, seed and --out-dir)")
+    reference = trained_config(config, trained_benchmark)
+    if reference is None and trained_benchmark is not None:
+        raise ConfigError(f"{run_dir} has no config.json: a run trained under another benchmark is tested only when "
+                          "its training configuration can be checked")
+    reference = reference or trained
+    resolved: dict[str, Any] = {}
+    if reference is not None:
+        if trained_benchmark is None:  # under another benchmark, its own preset must describe the same training
+            config = with_training_shape(config, reference)
+        check_test_overrides(reference, config, other_benchmark=trained_benchmark is not None)
+    if trained_benchmark is not None:
+        resolved["trained_run"] = {"benchmark": trained_benchmark, "run_dir": run_dir.as_posix(),
+                                   "why": "same training configuration (checked); only the test protocol differs"}
+    return config, run_dir, reference, resolved
 
 
 def _logger(config: RunConfig, run_dir: Path):
