@@ -8,8 +8,8 @@ the run's own test and every ``metabench test`` of that protocol reuse it from `
 
 The file is found by a key over all of that (:func:`baseline_key`): the configuration less the keys that change
 nothing computed (execution, citation) and the validation cadence; the episode digest; a digest of the package's
-Python sources; the library versions; the device. Any change to one of them evaluates the baseline anew. A record
-that reuses one names the file, its commit and its date (``config.resolved.baseline``).
+Python sources; the library versions; the device and the inner-loop engine. Any change to one of them evaluates the
+baseline anew. A record that reuses one names the file, its commit and its date (``config.resolved.baseline``).
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def baseline_key(config: RunConfig, episode_digest: str, device: str) -> dict[str, Any]:
+def baseline_key(config: RunConfig, episode_digest: str, device: str, engine: str) -> dict[str, Any]:
     """Everything a random-init baseline's numbers depend on, as stored beside it (``device``: where it is evaluated,
-    :func:`metabench.run.runner.device_name`, since kernels round differently on another processor)."""
+    :func:`metabench.run.runner.device_name`, and ``engine``, the inner-loop engine it adapts with: both round
+    differently)."""
     protocol = {key: value for key, value in training_shape(flatten_config(config.to_dict())).items()
                 if key not in _IGNORED}
     libraries = {k: v for k, v in versions().items() if k in ("python", "torch", "lightning")}
     return {"protocol": protocol, "episode_digest": episode_digest, "source": source_digest(), "versions": libraries,
-            "device": device}
+            "device": device, "engine": engine}
 
 
 def _file(run_dir: Path, key: dict[str, Any]) -> Path:
@@ -77,10 +78,11 @@ class KeptBaseline:
                 "created": self.created, "seconds": self.seconds}
 
 
-def load_baseline(run_dir: Path, config: RunConfig, episode_digest: str, device: str) -> KeptBaseline | None:
+def load_baseline(run_dir: Path, config: RunConfig, episode_digest: str, device: str,
+                  engine: str) -> KeptBaseline | None:
     """The baseline kept in ``run_dir`` for exactly this protocol, episodes, code and libraries; None if there is
     none (or the file is not one: it is then evaluated anew and written over)."""
-    key = baseline_key(config, episode_digest, device)
+    key = baseline_key(config, episode_digest, device, engine)
     path = _file(run_dir, key)
     try:
         data = json.loads(path.read_text())
@@ -92,10 +94,10 @@ def load_baseline(run_dir: Path, config: RunConfig, episode_digest: str, device:
                         data["created"], float(data["seconds"]))
 
 
-def save_baseline(run_dir: Path, config: RunConfig, episode_digest: str, device: str, summary: dict[str, float],
-                  seconds: float) -> KeptBaseline:
+def save_baseline(run_dir: Path, config: RunConfig, episode_digest: str, device: str, engine: str,
+                  summary: dict[str, float], seconds: float) -> KeptBaseline:
     """Keep ``summary`` (evaluated in ``seconds``) in ``run_dir`` under this protocol's key (atomically)."""
-    key = baseline_key(config, episode_digest, device)
+    key = baseline_key(config, episode_digest, device, engine)
     kept = KeptBaseline(dict(summary), _file(run_dir, key), git_commit(),
                         datetime.now(UTC).isoformat(timespec="seconds"), seconds)
     body = {"key": key, "summary": kept.summary, "git_commit": kept.git_commit, "created": kept.created,

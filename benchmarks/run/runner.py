@@ -45,6 +45,7 @@ from metabench.datasets.registry import CLASSIFICATION, SEGMENTATION, get_datase
 from metabench.datasets.supervised import SupervisedDataModule
 from metabench.models.algorithms import MetaLearner
 from metabench.models.backbones import build_backbone
+from metabench.models.inner_loop import default_engine
 from metabench.models.learners import algorithms_that, build_algorithm, learner_class
 from metabench.models.problems import Classification, Segmentation
 from metabench.run.baselines import load_baseline, save_baseline
@@ -383,7 +384,7 @@ def _test_record(config: RunConfig, trainer: L.Trainer, module: MetaLearner, dat
     scores = module.test_scores.tolist()
     mean, ci = mean_ci95(scores)
     processes = trainer.world_size
-    baseline, kept = baseline_column(config, datamodule, initial, device, run_dir, processes)
+    baseline, kept = baseline_column(config, datamodule, initial, device, run_dir, processes, module.engine)
     return Record(
         run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}",
         benchmark=config.benchmark, algorithm=config.algorithm.name, preset=config.preset,
@@ -412,11 +413,14 @@ def _test_trainer(device: torch.device) -> L.Trainer:
 
 
 def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
-                          device: torch.device) -> dict[str, float]:
+                          device: torch.device, engine: str = "auto") -> dict[str, float]:
     """The same adaptation from the run's own random initialization, on the same episodes: what meta-training
-    bought."""
+    bought. ``engine``: the inner-loop engine it adapts with ("auto": the device's untimed fallback,
+    :func:`metabench.models.inner_loop.default_engine`, as every record before ``baseline.engine`` was made)."""
     baseline = build_module(config, datamodule)
     baseline.backbone.load_state_dict(initial)
+    if engine != "auto":
+        baseline.engine = engine
     _test_trainer(device).test(baseline, datamodule=datamodule, verbose=False)
     mean, ci = mean_ci95(baseline.test_scores.tolist())
     summary = {"random_init_mean": mean, "random_init_ci95": ci}
@@ -424,25 +428,33 @@ def _random_init_baseline(config: RunConfig, datamodule: EpisodicDataModule, ini
     return summary
 
 
-def baseline_column(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
-                    device: torch.device, run_dir: Path | None, processes: int = 1
-                    ) -> tuple[dict[str, float], dict[str, Any]]:
-    """The random-init baseline of ``config``'s test and what the record says about it (``{"baseline": ...}``).
+def baseline_engine(engine: str, device: torch.device) -> str:
+    """The engine a record's random-init column adapts with: the tested module's (``engine``: the run's choice, or
+    the configured one), or the device's fallback where nothing chose one (an algorithm without adaptation)."""
+    return default_engine(device) if engine == "auto" else engine
 
-    With a ``run_dir``, one evaluated for exactly this protocol, these episodes, code, libraries and device is
+
+def baseline_column(config: RunConfig, datamodule: EpisodicDataModule, initial: dict[str, torch.Tensor],
+                    device: torch.device, run_dir: Path | None, processes: int = 1, engine: str = "auto"
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The random-init baseline of ``config``'s test, adapted with the tested module's ``engine``
+    (:func:`baseline_engine`), and what the record says about it (``{"baseline": {"engine": ..., ...}}``).
+
+    With a ``run_dir``, one evaluated for exactly this protocol, engine, these episodes, code, libraries and device is
     reused from it, and one evaluated here is kept there (``metabench/run/baselines.py``). Several processes
     evaluate it together without the folder: every process must take the same branch of a collective evaluation.
     """
+    engine = baseline_engine(engine, device)
     if run_dir is None or processes > 1:
-        return _random_init_baseline(config, datamodule, initial, device), {}
+        return _random_init_baseline(config, datamodule, initial, device, engine), {"baseline": {"engine": engine}}
     digest, where = datamodule.digest("test"), device_name(device)
-    kept = load_baseline(run_dir, config, digest, where)
+    kept = load_baseline(run_dir, config, digest, where, engine)
     if kept is not None:
-        return kept.summary, {"baseline": kept.provenance(reused=True)}
+        return kept.summary, {"baseline": {"engine": engine, **kept.provenance(reused=True)}}
     start = time.perf_counter()
-    summary = _random_init_baseline(config, datamodule, initial, device)
-    kept = save_baseline(run_dir, config, digest, where, summary, time.perf_counter() - start)
-    return summary, {"baseline": kept.provenance(reused=False)}
+    summary = _random_init_baseline(config, datamodule, initial, device, engine)
+    kept = save_baseline(run_dir, config, digest, where, engine, summary, time.perf_counter() - start)
+    return summary, {"baseline": {"engine": engine, **kept.provenance(reused=False)}}
 
 
 def trained_config(config: RunConfig, benchmark: str | None = None) -> dict[str, Any] | None:
@@ -549,8 +561,21 @@ def baseline_only(config: RunConfig, *, trained_benchmark: str | None = None) ->
     if world_size(config) > 1:
         raise ConfigError("--baseline-only evaluates in one process: leave trainer.devices / num_nodes at 1")
     device, datamodule, _, initial = _prepare(config)
-    summary, kept = baseline_column(config, datamodule, initial, device, run_dir)
+    summary, kept = baseline_column(config, datamodule, initial, device, run_dir,
+                                    engine=_chosen_engine(config, run_dir))
     return BaselineResult(summary, kept["baseline"], datamodule.test_episodes)
+
+
+def _chosen_engine(config: RunConfig, run_dir: Path) -> str:
+    """The engine the run's test will adapt with: the configured one, else the one ``auto`` chose on the run's first
+    step (saved in its checkpoints); "auto" (the fallback) before the run has chosen one."""
+    if config.algorithm.engine != "auto":
+        return config.algorithm.engine
+    start = readable_checkpoint(run_dir / "checkpoints")
+    if start is None:
+        return "auto"
+    saved = torch.load(start.path, map_location="cpu", weights_only=False).get("metabench_engine", {})
+    return saved.get("engine", "auto")
 
 
 def _tested_config(config: RunConfig, trained: RunConfig | None, trained_benchmark: str | None, *,

@@ -226,7 +226,9 @@ def verify(record_file: str | Path, steps: int | None = None, overrides: dict[st
     ran_as = _execution_text(1, torch.get_num_threads(), module.engine, device_name(device))
     if tested != trained:  # a record of metabench test: its baseline and digest are of the tested protocol
         datamodule = build_datamodule(tested, device)
-    baseline = _random_init_baseline(tested, datamodule, initial, device)["random_init_mean"]
+    # The engine the record's column adapted with (records before it was named: the device's fallback, "auto").
+    column_engine = record.config.get("resolved", {}).get("baseline", {}).get("engine", "auto")
+    baseline = _random_init_baseline(tested, datamodule, initial, device, column_engine)["random_init_mean"]
     data = data_sha256(datamodule)
     recorded_value = next(p[2] for p in record.curve if int(p[0]) == step)
     comparisons = [Comparison(f"validation {record.metric} at step {step}", recorded_value, value),
