@@ -78,7 +78,7 @@ def test_the_key_follows_what_the_numbers_depend_on(tmp_path: Path, monkeypatch:
 
 
 def test_the_column_adapts_with_the_runs_engine(tmp_path: Path) -> None:
-    """Not the device's untimed fallback (the sequential loop on a CPU, twice as slow as the batched engine for
+    """Not the device's untimed fallback (the sequential loop on a CPU, 2.4-2.7x slower than the batched engine on
     Reptile's evaluation): the engine the run chose, which --baseline-only reads from the run's checkpoint."""
     early = baseline_only(tiny_config(tmp_path, "reptile", steps=4)).provenance
     assert early["engine"] == "sequential"  # nothing chosen yet: the fallback, and a key of its own
