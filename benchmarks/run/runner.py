@@ -560,22 +560,14 @@ def baseline_only(config: RunConfig, *, trained_benchmark: str | None = None) ->
     config, run_dir, _, _ = _tested_config(config, None, trained_benchmark)
     if world_size(config) > 1:
         raise ConfigError("--baseline-only evaluates in one process: leave trainer.devices / num_nodes at 1")
-    device, datamodule, _, initial = _prepare(config)
-    summary, kept = baseline_column(config, datamodule, initial, device, run_dir,
-                                    engine=_chosen_engine(config, run_dir))
-    return BaselineResult(summary, kept["baseline"], datamodule.test_episodes)
-
-
-def _chosen_engine(config: RunConfig, run_dir: Path) -> str:
-    """The engine the run's test will adapt with: the configured one, else the one ``auto`` chose on the run's first
-    step (saved in its checkpoints); "auto" (the fallback) before the run has chosen one."""
-    if config.algorithm.engine != "auto":
-        return config.algorithm.engine
+    device, datamodule, module, initial = _prepare(config)
+    # The engine the test will adapt with: the configured one, else what "auto" chose on the run's first step (in
+    # its checkpoints, read as a test reads it); before the run has chosen, the fallback.
     start = readable_checkpoint(run_dir / "checkpoints")
-    if start is None:
-        return "auto"
-    saved = torch.load(start.path, map_location="cpu", weights_only=False).get("metabench_engine", {})
-    return saved.get("engine", "auto")
+    if start is not None:
+        module.on_load_checkpoint(torch.load(start.path, map_location="cpu", weights_only=False))
+    summary, kept = baseline_column(config, datamodule, initial, device, run_dir, engine=module.engine)
+    return BaselineResult(summary, kept["baseline"], datamodule.test_episodes)
 
 
 def _tested_config(config: RunConfig, trained: RunConfig | None, trained_benchmark: str | None, *,
