@@ -145,10 +145,10 @@ def test_csv_opens_with_the_summary(tmp_path: Path) -> None:
 
 # -- commands -----------------------------------------------------------------------------------------------
 
-def _config(**changes):
+def _config(benchmark: str = "omniglot-5w1s", algorithm: str = "maml", **changes):
     from metabench.run.config import resolve
 
-    return resolve("omniglot-5w1s", "maml", "paper", overrides=[f"{k}={v}" for k, v in changes.items()]).to_dict()
+    return resolve(benchmark, algorithm, "paper", overrides=[f"{k}={v}" for k, v in changes.items()]).to_dict()
 
 
 def test_record_commands() -> None:
@@ -175,6 +175,14 @@ def test_record_commands() -> None:
     assert record_commands(spelled) == [
         "metabench run --benchmark omniglot-5w1s --algorithm maml --preset paper --set trainer.val_every=2500",
         "metabench test --benchmark omniglot-5w1s --algorithm maml --preset paper --set episodes.queries=1"]
+    # A test of another benchmark's run (--trained-benchmark): that benchmark's run, compared with its own preset.
+    five = _config("omniglot-5w5s", "reptile")
+    five["resolved"] = {"tested_checkpoint": {"path": "/runs/last.ckpt", "step": 100000},
+                        "trained": {"benchmark": "omniglot-5w1s", "episodes.shots": 1},
+                        "trained_run": {"benchmark": "omniglot-5w1s", "run_dir": "/runs"}}
+    assert record_commands(five) == [
+        "metabench run --benchmark omniglot-5w1s --algorithm reptile --preset paper",
+        "metabench test --benchmark omniglot-5w5s --algorithm reptile --preset paper --trained-benchmark omniglot-5w1s"]
     # A string that YAML would read as another type stays a string; a preset that no longer resolves is said.
     odd = _config()
     odd["model"]["backbone"] = "1"

@@ -224,33 +224,40 @@ def record_commands(config: dict[str, Any]) -> list[str]:
     computed (:data:`EXECUTION_KEYS`: paths, execution, citations) in neither command; the run's validation cadence
     (:data:`VALIDATION_KEYS`) in the run's only; what a test may change (:data:`TEST_KEYS`) in the test's only."""
     benchmark, algorithm, preset = str(config["benchmark"]), str(config["algorithm"]["name"]), str(config["preset"])
+    resolved = config.get("resolved") or {}
+    # A test of another benchmark's run (--trained-benchmark): the run is that benchmark's, with its preset.
+    trained_benchmark = (resolved.get("trained_run") or {}).get("benchmark")
+    run_benchmark = str(trained_benchmark or benchmark)
     base = f"--benchmark {benchmark} --algorithm {algorithm} --preset {preset}"
+    run_base = f"--benchmark {run_benchmark} --algorithm {algorithm} --preset {preset}"
     try:
         wanted = flatten_config(_normalized(resolve(benchmark, algorithm, preset).to_dict()))
+        wanted_run = flatten_config(_normalized(resolve(run_benchmark, algorithm, preset).to_dict()))
     except ConfigError as error:  # the preset changed since the record was made: say so, never guess
-        return [f"metabench run {base}  # the preset no longer resolves: {error}"]
-    resolved = config.get("resolved") or {}
+        return [f"metabench run {run_base}  # the preset no longer resolves: {error}"]
     flat = flatten_config(_normalized(config))
     # A test record keeps the run's values of what the test changed (resolved.trained): the run command is the run's.
     ran = {**flat, **resolved.get("trained", {})}
     # Training episode shapes compare by what training used: an explicit train_shots of 1 where the preset says
     # null (the evaluation's 1) is no override (test records spell the training shape out).
     shapes = {f"episodes.train_{k}" for k in TRAIN_SHAPE}
-    wanted_shape, ran_shape = training_shape(wanted), training_shape(ran)
+    ran_shape = training_shape(ran)
     missing = object()
 
-    def differing(tree: dict[str, Any]) -> dict[str, Any]:
+    def differing(tree: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
+        against_shape = training_shape(against)
         return {k: v for k, v in tree.items()
-                if not k.startswith("resolved.") and k not in EXECUTION_KEYS
-                and (ran_shape[k] != wanted_shape[k] if k in shapes else wanted.get(k, missing) != v)}
+                if not k.startswith("resolved.") and k not in EXECUTION_KEYS and k != "benchmark"
+                and (ran_shape[k] != against_shape[k] if k in shapes else against.get(k, missing) != v)}
 
     if "tested_checkpoint" not in resolved:
-        return [f"metabench run {base}{_arguments(differing(flat))}"]
+        return [f"metabench run {base}{_arguments(differing(flat, wanted))}"]
     # The run's cadence is the run's; the rest a test may change is the test's (with the training's keys, which
     # the test resolves again to find the run).
-    train = {k: v for k, v in differing(ran).items() if k not in TEST_KEYS or k in VALIDATION_KEYS}
-    test = {k: v for k, v in differing(flat).items() if k not in VALIDATION_KEYS}
-    return [f"metabench run {base}{_arguments(train)}", f"metabench test {base}{_arguments(test)}"]
+    train = {k: v for k, v in differing(ran, wanted_run).items() if k not in TEST_KEYS or k in VALIDATION_KEYS}
+    test = {k: v for k, v in differing(flat, wanted).items() if k not in VALIDATION_KEYS}
+    trained = f" --trained-benchmark {run_benchmark}" if trained_benchmark else ""
+    return [f"metabench run {run_base}{_arguments(train)}", f"metabench test {base}{trained}{_arguments(test)}"]
 
 
 # -- the README block -----------------------------------------------------------------------------------------
