@@ -222,7 +222,9 @@ def record_commands(config: dict[str, Any]) -> list[str]:
     them) are left out; so is the run's validation and checkpoint cadence from the test command, which does not
     need it. Which key goes where follows its declared role (:mod:`metabench.core.roles`): keys that change nothing
     computed (:data:`EXECUTION_KEYS`: paths, execution, citations) in neither command; the run's validation cadence
-    (:data:`VALIDATION_KEYS`) in the run's only; what a test may change (:data:`TEST_KEYS`) in the test's only."""
+    (:data:`VALIDATION_KEYS`) in the run's only; what a test may change (:data:`TEST_KEYS`) in the test's only. A
+    test of another benchmark's run (``resolved.trained_run``) runs that benchmark, compared with its own preset,
+    and tests with ``--trained-benchmark``."""
     benchmark, algorithm, preset = str(config["benchmark"]), str(config["algorithm"]["name"]), str(config["preset"])
     resolved = config.get("resolved") or {}
     # A test of another benchmark's run (--trained-benchmark): the run is that benchmark's, with its preset.
@@ -247,7 +249,7 @@ def record_commands(config: dict[str, Any]) -> list[str]:
     def differing(tree: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
         against_shape = training_shape(against)
         return {k: v for k, v in tree.items()
-                if not k.startswith("resolved.") and k not in EXECUTION_KEYS and k != "benchmark"
+                if not k.startswith("resolved.") and k not in EXECUTION_KEYS
                 and (ran_shape[k] != against_shape[k] if k in shapes else against.get(k, missing) != v)}
 
     if "tested_checkpoint" not in resolved:
